@@ -1,0 +1,182 @@
+"""Validated settings: typed pydantic models built from YAML plus ``key=value`` overrides.
+
+Every field carries its meaning in ``description``; an unknown key or a bad value fails here,
+before any work starts, with a :class:`ConfigError` naming the field and the value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message names the field, the value and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(_Strict):
+    dataset: Literal["fashion_mnist", "cifar10", "cifar100"] = Field(
+        "fashion_mnist", description="Which data set the task is drawn from.")
+    path: str | None = Field(
+        None, description="fashion_mnist: directory with the idx(.gz) files (default "
+        "/usr/share/datasets/fashion-mnist). cifar*: a `save_to_disk` directory, or a hub id "
+        "(default uoft-cs/cifar10 / uoft-cs/cifar100).")
+    classes: list[int] | None = Field(
+        None, description="Class subset of the task, relabelled 0..k-1 in this order; None = all classes.")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the train split held out for validation.")
+    max_train: int | None = Field(None, gt=0, description="Cap on training examples (seeded subsample).")
+    max_val: int | None = Field(None, gt=0, description="Cap on validation examples.")
+    max_test: int | None = Field(None, gt=0, description="Cap on test examples.")
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) < 2 or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError(f"need at least two distinct non-negative class ids, got {v}")
+        return v
+
+
+class BackboneConfig(_Strict):
+    name: str = Field(
+        "distlap/vit-tiny-fmnist", description="A hub id (google/vit-base-patch16-224), a local "
+        "directory written by `save_pretrained`, or one of distlap's own tiny backbones "
+        "(pretrained on the upstream classes on first use, then cached).")
+    cache_dir: str | None = Field(
+        None, description="Where distlap's own tiny backbones are cached (default ~/.cache/distlap).")
+
+
+class PeftConfig(_Strict):
+    method: Literal["lora", "norm", "hybrid"] = Field(
+        "lora", description="lora: low-rank adapters; norm: LayerNorm tuning; hybrid: both. Head always trained.")
+    rank: int = Field(8, gt=0, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (update is scaled by alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | None = Field(
+        None, description="Module-name suffixes LoRA adapts; None = the query and value projections "
+        "under whichever names the installed transformers uses.")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(3, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warm-up.")
+    prior_precision: float = Field(
+        1.0, gt=0, description="Isotropic Gaussian prior precision lambda on the tuned parameters; "
+        "the MAP objective uses weight decay lambda / N.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto = CUDA with bf16 autocast when present, else CPU fp32.")
+    num_threads: int | None = Field(
+        None, gt=0, description="torch intra-op threads; None = the CPUs this process may use.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; None = off.")
+
+
+class TrialConfig(_Strict):
+    """One fine-tuning trial. With no settings at all: the embedded default (tiny ViT, Fashion-MNIST)."""
+
+    seed: int = Field(0, ge=0, description="Seeds data splits, initialisation, shuffling and sampling.")
+    output_dir: str | None = Field(None, description="Where the trial writes results and the adapter.")
+    n_bins: int = Field(15, gt=0, description="Equal-width confidence bins of ECE / MCE / reliability.")
+    data: DataConfig = DataConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    peft: PeftConfig = PeftConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _downstream_classes(cls, raw: Any) -> Any:
+        """A tiny distlap backbone with no class subset given -> the classes it was NOT pretrained on."""
+        from distlap.backbones import TINY_BACKBONES  # local: keep config import light
+
+        if not isinstance(raw, dict):
+            return raw
+        backbone, data = raw.get("backbone") or {}, raw.get("data") or {}
+        if not isinstance(backbone, dict) or not isinstance(data, dict):
+            return raw
+        recipe = TINY_BACKBONES.get(backbone.get("name", BackboneConfig.model_fields["name"].default))
+        if recipe is None:
+            return raw
+        dataset = data.get("dataset", DataConfig.model_fields["dataset"].default)
+        if dataset != recipe.dataset:
+            raise ValueError(f"backbone.name={backbone.get('name')!r} is pretrained on {recipe.dataset} "
+                             f"images; data.dataset={dataset!r} needs a hub or local backbone")
+        if data.get("classes") is None:
+            data = {**data, "classes": list(recipe.downstream_classes)}
+        return {**raw, "data": data}
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["peft.rank=4", "data.classes=[5,6]"]`` -> nested dict; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {pair!r} is not of the form key=value (e.g. peft.rank=4)")
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {pair!r} conflicts with an earlier override of {part!r}")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at top level")
+    return raw
+
+
+def build(model: type[BaseModel], raw: dict[str, Any]):
+    """Validate ``raw`` into ``model``, turning pydantic's report into one readable ConfigError."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            field = ".".join(str(p) for p in e["loc"]) or "<top level>"
+            if e["type"] == "extra_forbidden":
+                lines.append(f"{field}: unknown setting (value {e['input']!r}); check the spelling")
+            else:
+                lines.append(f"{field}: {e['msg']} (got {e.get('input')!r})")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                model: type[BaseModel] = TrialConfig):
+    """YAML file (optional) + ``key=value`` overrides -> validated, frozen config object."""
+    raw = read_yaml(path) if path is not None else {}
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    return build(model, raw)
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,290 @@
+"""Accuracy and calibration metrics on predictive probabilities, and a paired bootstrap for differences.
+
+Public functions take ``probs``, a float tensor (N, C) of predictive probabilities (rows sum to 1),
+and ``labels``, an integer tensor (N,), and return Python floats.
+
+Calibration bins are Guo et al.'s M equal-width bins on [0, 1]: the confidence (max probability), cast
+to float32, goes to bin ``bucketize(conf, linspace(0, 1, M + 1), right=True) - 1`` (torchmetrics' rule:
+bin m is [m/M, (m+1)/M)), except that the last bin is closed, [(M-1)/M, 1]. torchmetrics 1.9 gives
+confidence exactly 1.0 an extra (M+1)-th bin; we do not, so that ECE is always the weighted gap of the
+drawn reliability bins, and we match torchmetrics exactly whenever no confidence is exactly 1.0.
+Sums are float64.
+
+Each built-in metric is a per-example pass plus a reduction over rows of resampled indices; the scalar
+metric is that reduction on the identity resample, so it and the vectorised bootstrap cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Metric = Callable[[Tensor, Tensor], float]
+
+_PROB_ATOL = 1e-3        # slack on "entries in [0, 1] and rows sum to 1" for float32 round-off
+_CHUNK_ELEMENTS = 2**20  # resampled (replicate, example) pairs reduced at once; bounds memory
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+def _check_inputs(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    probs, labels = torch.as_tensor(probs).detach(), torch.as_tensor(labels).detach()
+    if probs.ndim != 2 or not probs.is_floating_point():
+        raise ValueError(f"probs must be a 2-D float tensor (N, C), got {probs.dtype} {tuple(probs.shape)}")
+    n, c = probs.shape
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(f"labels must have shape (N,) = ({n},) to match probs, got {tuple(labels.shape)}")
+    if n == 0 or c == 0:
+        raise ValueError(f"empty input: probs has shape {tuple(probs.shape)}")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.min() < 0 or labels.max() >= c:
+        raise ValueError(f"labels must lie in [0, {c - 1}], got values in [{labels.min()}, {labels.max()}]")
+    in_unit = torch.isfinite(probs).all() and probs.min() >= -_PROB_ATOL and probs.max() <= 1 + _PROB_ATOL
+    if not in_unit or (probs.sum(1) - 1).abs().max() > _PROB_ATOL:
+        raise ValueError("probs must be probabilities: entries in [0, 1], rows summing to 1 (logits passed?)")
+    return probs, labels.long()
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+# -------------------------------------------------------------- per-example terms and their reductions
+
+class _Batched(NamedTuple):
+    """A metric as per-example columns (each (N,)) and a reduction of resampled columns (R, n) -> (R,)."""
+    per_example: Callable[..., tuple[Tensor, ...]]
+    reduce: Callable[..., Tensor]
+
+
+def _evaluate(metric: _Batched, probs: Tensor, labels: Tensor, idx: Tensor, **kw) -> Tensor:
+    """The metric on each row of example indices ``idx`` (R, n); returns (R,) float64."""
+    columns = metric.per_example(probs, labels, **kw)  # each (N,)
+    rows = max(1, _CHUNK_ELEMENTS // idx.shape[1])
+    return torch.cat([metric.reduce(*(col[chunk] for col in columns), **kw) for chunk in idx.split(rows)])
+
+
+def _scalar(metric: _Batched, probs: Tensor, labels: Tensor, **kw) -> float:
+    probs, labels = _check_inputs(probs, labels)
+    identity = torch.arange(labels.shape[0])[None]  # (1, N): the data itself as one "resample"
+    return _evaluate(metric, probs, labels, identity, **kw).item()
+
+
+def _mean(term: Tensor, **_) -> Tensor:  # (R, n) -> (R,)
+    return term.mean(1)
+
+
+def _top_label(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Confidence max_c p_ic and correctness of argmax_c p_ic, (N,) each (ties: first class, as torch)."""
+    conf, pred = probs.max(1)
+    return conf, (pred == labels).double()
+
+
+def _correct_terms(probs: Tensor, labels: Tensor, **_) -> tuple[Tensor]:
+    return (_top_label(probs, labels)[1],)  # (N,)
+
+
+def _nll_terms(probs: Tensor, labels: Tensor, eps: float = 1e-12, **_) -> tuple[Tensor]:
+    p_y = probs.double().gather(1, labels[:, None]).squeeze(1)  # (N,)
+    return (-p_y.clamp_min(eps).log(),)
+
+
+def _brier_terms(probs: Tensor, labels: Tensor, **_) -> tuple[Tensor]:
+    onehot = F.one_hot(labels, probs.shape[1])  # (N, C)
+    return ((probs.double() - onehot).pow(2).sum(1),)  # (N,)
+
+
+def _bin_index(conf: Tensor, n_bins: int) -> Tensor:
+    """Bin of each confidence (N,) -> (N,) in [0, n_bins - 1] (see module docstring)."""
+    edges = torch.linspace(0, 1, n_bins + 1)  # float32, as torchmetrics builds them
+    return (torch.bucketize(conf.float(), edges, right=True) - 1).clamp(max=n_bins - 1)
+
+
+def _calibration_terms(probs: Tensor, labels: Tensor, n_bins: int = 15, **_) -> tuple[Tensor, Tensor, Tensor]:
+    conf, correct = _top_label(probs, labels)  # (N,), (N,)
+    return _bin_index(conf, n_bins), conf.double(), correct
+
+
+def _bin_sums(bins: Tensor, conf: Tensor, correct: Tensor, n_slots: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-bin count, confidence sum and correct sum; inputs (R, n) -> outputs (R, n_slots) float64."""
+    r = bins.shape[0]
+    key = (bins + n_slots * torch.arange(r)[:, None]).flatten()  # (R*n,): one slot per (replicate, bin)
+    weights = (torch.ones_like(conf), conf, correct)  # -> count, confidence sum, correct sum
+    return tuple(torch.bincount(key, w.flatten(), minlength=r * n_slots).view(r, n_slots) for w in weights)
+
+
+def _bin_gaps(bins: Tensor, conf: Tensor, correct: Tensor, n_bins: int = 15, **_) -> tuple[Tensor, Tensor]:
+    """|acc(B_m) - conf(B_m)| and |B_m|/n per bin, (R, n_bins) each; an empty bin has gap 0."""
+    count, conf_sum, correct_sum = _bin_sums(bins, conf, correct, n_bins)
+    safe = count.clamp_min(1)  # empty bins have zero sums, so their gap is 0 (torchmetrics' nan_to_num)
+    return (correct_sum / safe - conf_sum / safe).abs(), count / count.sum(1, keepdim=True)
+
+
+def _ece_reduce(*columns: Tensor, **kw) -> Tensor:
+    gaps, weights = _bin_gaps(*columns, **kw)
+    return (gaps * weights).sum(1)
+
+
+def _mce_reduce(*columns: Tensor, **kw) -> Tensor:
+    return _bin_gaps(*columns, **kw)[0].amax(1)  # gaps >= 0 and empty bins give 0: max over non-empty bins
+
+
+_ACCURACY = _Batched(_correct_terms, _mean)
+_NLL = _Batched(_nll_terms, _mean)
+_BRIER = _Batched(_brier_terms, _mean)
+_ECE = _Batched(_calibration_terms, _ece_reduce)
+_MCE = _Batched(_calibration_terms, _mce_reduce)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+def accuracy(probs: Tensor, labels: Tensor) -> float:
+    """Top-1 accuracy: (1/N) sum_i 1[argmax_c p_ic = y_i]."""
+    return _scalar(_ACCURACY, probs, labels)
+
+
+def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
+    """ECE = sum_m |B_m|/N * |acc(B_m) - conf(B_m)| (Guo et al. 2017, "On Calibration of Modern Neural
+    Networks"), with confidence max_c p_ic and M = ``n_bins`` equal-width bins on [0, 1].
+
+    Bins are [m/M, (m+1)/M) with the last one closed at 1; equal to torchmetrics'
+    ``multiclass_calibration_error(norm="l1")`` unless a confidence is exactly 1.0 (module docstring).
+    """
+    _check_count("n_bins", n_bins)
+    return _scalar(_ECE, probs, labels, n_bins=n_bins)
+
+
+def maximum_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
+    """MCE = max_m |acc(B_m) - conf(B_m)| over non-empty bins (Guo et al. 2017); bins as in
+    :func:`expected_calibration_error`, matching torchmetrics' ``norm="max"``."""
+    _check_count("n_bins", n_bins)
+    return _scalar(_MCE, probs, labels, n_bins=n_bins)
+
+
+def negative_log_likelihood(probs: Tensor, labels: Tensor, eps: float = 1e-12) -> float:
+    """NLL = -(1/N) sum_i log max(p_{i,y_i}, eps); the clamp keeps a zero probability finite."""
+    return _scalar(_NLL, probs, labels, eps=eps)
+
+
+def brier_score(probs: Tensor, labels: Tensor) -> float:
+    """Multiclass Brier score (Brier 1950): (1/N) sum_i sum_c (p_ic - 1[c = y_i])^2, in [0, 2]."""
+    return _scalar(_BRIER, probs, labels)
+
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Reliability-diagram bins (Guo et al. 2017); plain lists, so ``dataclasses.asdict`` is JSON-able.
+
+    Bin m covers [edges[m], edges[m+1]); the last bin also holds confidence exactly 1.0. Empty bins
+    have ``count`` 0 and ``float('nan')`` confidence and accuracy (``json.dumps`` writes ``NaN``).
+    """
+    edges: list[float]       # n_bins + 1 boundaries, 0.0 ... 1.0
+    confidence: list[float]  # n_bins: mean max-probability in the bin
+    accuracy: list[float]    # n_bins: fraction correct in the bin
+    count: list[int]         # n_bins: examples in the bin; sums to N
+
+
+def reliability_bins(probs: Tensor, labels: Tensor, n_bins: int = 15) -> ReliabilityBins:
+    """Per-bin mean confidence, accuracy and count on ``n_bins`` equal-width bins of the confidence.
+
+    The bins of :func:`expected_calibration_error`: sum_m count_m/N |accuracy_m - confidence_m| is the ECE.
+    """
+    _check_count("n_bins", n_bins)
+    probs, labels = _check_inputs(probs, labels)
+    bins, conf, correct = _calibration_terms(probs, labels, n_bins)  # (N,) each
+    sums = _bin_sums(bins[None], conf[None], correct[None], n_bins)
+    count, conf_sum, correct_sum = (s[0] for s in sums)  # (n_bins,) each
+    return ReliabilityBins(edges=torch.linspace(0, 1, n_bins + 1).tolist(),
+                           confidence=(conf_sum / count).tolist(),  # 0/0 = nan for empty bins
+                           accuracy=(correct_sum / count).tolist(), count=count.long().tolist())
+
+
+def summarize(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, float]:
+    """All scalar metrics under the keys ``accuracy``, ``ece``, ``mce``, ``nll``, ``brier``."""
+    return {"accuracy": accuracy(probs, labels),
+            "ece": expected_calibration_error(probs, labels, n_bins),
+            "mce": maximum_calibration_error(probs, labels, n_bins),
+            "nll": negative_log_likelihood(probs, labels),
+            "brier": brier_score(probs, labels)}
+
+
+# ---------------------------------------------------------------------------------------- bootstrap
+
+@dataclass(frozen=True)
+class BootstrapCI:
+    """A percentile bootstrap interval for metric(a) - metric(b)."""
+    estimate: float  # metric(a) - metric(b) on the full data
+    low: float
+    high: float
+    level: float
+    n_resamples: int
+
+
+_FAST: dict[Callable, _Batched] = {accuracy: _ACCURACY, expected_calibration_error: _ECE,
+                                   maximum_calibration_error: _MCE, negative_log_likelihood: _NLL,
+                                   brier_score: _BRIER}
+
+
+def _fast_path(metric: Metric) -> tuple[_Batched, dict] | None:
+    """The vectorised form of a built-in metric (or a keyword-only ``functools.partial`` of one)."""
+    kw: dict = {}
+    if isinstance(metric, functools.partial) and not metric.args:
+        metric, kw = metric.func, dict(metric.keywords)
+    batched = _FAST.get(metric)
+    return None if batched is None else (batched, kw)
+
+
+def _resample_indices(n: int, n_resamples: int, generator: torch.Generator) -> Tensor:
+    """Bootstrap resamples of the example indices, with replacement: (n_resamples, n) int64."""
+    return torch.randint(0, n, (n_resamples, n), generator=generator)
+
+
+def _replicate_differences(metric: Metric, a: Tensor, b: Tensor, labels: Tensor, idx: Tensor) -> Tensor:
+    """metric(a[idx_r]) - metric(b[idx_r]) for each row idx_r of ``idx`` (R, N); returns (R,) float64."""
+    fast = _fast_path(metric)
+    if fast is not None:  # vectorised over all replicates
+        batched, kw = fast
+        return _evaluate(batched, a, labels, idx, **kw) - _evaluate(batched, b, labels, idx, **kw)
+    return torch.tensor([metric(a[i], labels[i]) - metric(b[i], labels[i]) for i in idx], dtype=torch.float64)
+
+
+def paired_bootstrap_ci(metric: Metric, probs_a: Tensor, probs_b: Tensor, labels: Tensor, *,
+                        n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> BootstrapCI:
+    """Paired percentile bootstrap (Efron & Tibshirani 1993) for metric(a) - metric(b).
+
+    Each replicate draws N examples with replacement and evaluates both predictives on the same
+    examples; the interval is the [(1-level)/2, (1+level)/2] quantiles of the replicate differences.
+    ``metric`` is any ``callable(probs, labels) -> float``; the built-in metrics (also as keyword
+    ``functools.partial``) run vectorised over all replicates, anything else in a Python loop.
+    """
+    shape_a, shape_b = tuple(torch.as_tensor(probs_a).shape), tuple(torch.as_tensor(probs_b).shape)
+    if shape_a != shape_b:
+        raise ValueError(f"probs_a and probs_b must have the same shape, got {shape_a} and {shape_b}")
+    probs_a, labels = _check_inputs(probs_a, labels)
+    probs_b, _ = _check_inputs(probs_b, labels)
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    _check_count("n_resamples", n_resamples)
+    estimate = metric(probs_a, labels) - metric(probs_b, labels)  # also validates the metric's own args
+    idx = _resample_indices(labels.shape[0], n_resamples, torch.Generator().manual_seed(seed))  # (R, N)
+    diffs = _replicate_differences(metric, probs_a, probs_b, labels, idx)  # (R,)
+    tails = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    low, high = torch.quantile(diffs, tails).tolist()
+    return BootstrapCI(float(estimate), low, high, level, n_resamples)
+
+
+def delta_ece_ci(probs_map: Tensor, probs_bayes: Tensor, labels: Tensor, *, n_bins: int = 15,
+                 n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> BootstrapCI:
+    """Delta_ECE = ECE_MAP - ECE_Bayes with a paired bootstrap interval over test examples; positive
+    means the Bayesian predictive is better calibrated than the MAP one."""
+    ece = functools.partial(expected_calibration_error, n_bins=n_bins)
+    return paired_bootstrap_ci(ece, probs_map, probs_bayes, labels,
+                               n_resamples=n_resamples, level=level, seed=seed)

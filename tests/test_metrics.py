@@ -1,0 +1,252 @@
+"""distlap.metrics: hand-computed values, parity with torchmetrics / torch, and the paired bootstrap."""
+
+import dataclasses
+import functools
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_calibration_error
+
+from distlap import metrics as M
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tensors here are tiny: extra intra-op threads only add wake-up latency on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _random_probs(n: int, c: int, seed: int, scale: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(scale * torch.randn(n, c, generator=g), dim=1)  # (n, c)
+    return probs, torch.randint(0, c, (n,), generator=g)
+
+
+# ------------------------------------------------------------------------------------ hand-computed
+
+# n_bins = 4: edges 0, .25, .5, .75, 1 (exact in binary). Bins are [lo, hi), the last one [.75, 1].
+#   row  probs               y  conf  correct  bin
+#   1    [.9, .05, .05]      0  .9    yes      [.75, 1)
+#   2    [.8, .1, .1]        1  .8    no       [.75, 1)
+#   3    [.5, .25, .25]      0  .5    yes      [.5, .75)   (exactly on an edge)
+#   4    [.4, .35, .25]      2  .4    no       [.25, .5)
+#   5    [1., 0., 0.]        0  1.    yes      [.75, 1]
+#   6    [.6, .4, 0.]        1  .6    no       [.5, .75)
+# ECE  = 1/6 |0 - .4| + 2/6 |.5 - .55| + 3/6 |2/3 - .9| = (.4 + .1 + .7) / 6 = 0.2
+# MCE  = max(.4, .05, .7/3) = 0.4;  accuracy = 3/6
+# NLL  = -(ln .9 + ln .1 + ln .5 + ln .25 + ln 1 + ln .4) / 6
+# Brier: .015 + 1.46 + .375 + .845 + 0 + .72 = 3.415, / 6
+HAND_PROBS = torch.tensor([[.9, .05, .05], [.8, .1, .1], [.5, .25, .25],
+                           [.4, .35, .25], [1., 0., 0.], [.6, .4, 0.]], dtype=torch.float64)
+HAND_LABELS = torch.tensor([0, 1, 0, 2, 0, 1])
+
+
+def test_hand_computed_values():
+    assert M.accuracy(HAND_PROBS, HAND_LABELS) == pytest.approx(0.5)
+    assert M.expected_calibration_error(HAND_PROBS, HAND_LABELS, n_bins=4) == pytest.approx(0.2)
+    assert M.maximum_calibration_error(HAND_PROBS, HAND_LABELS, n_bins=4) == pytest.approx(0.4)
+    nll = -sum(math.log(p) for p in (.9, .1, .5, .25, 1., .4)) / 6
+    assert M.negative_log_likelihood(HAND_PROBS, HAND_LABELS) == pytest.approx(nll)
+    assert M.brier_score(HAND_PROBS, HAND_LABELS) == pytest.approx(3.415 / 6)
+
+
+def test_hand_computed_reliability_bins():
+    # [.75, 1] holds rows 1, 2, 5.
+    bins = M.reliability_bins(HAND_PROBS, HAND_LABELS, n_bins=4)
+    assert bins.edges == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert bins.count == [0, 1, 2, 3]
+    assert math.isnan(bins.confidence[0]) and math.isnan(bins.accuracy[0])
+    assert bins.confidence[1:] == pytest.approx([.4, .55, .9])
+    assert bins.accuracy[1:] == pytest.approx([0., .5, 2 / 3])
+
+
+def test_confidence_one_is_in_the_last_bin_unlike_torchmetrics():
+    # Ours (Guo: last bin closed): |.5 - .975| = .475. torchmetrics 1.9 gives 1.0 a bin of its own:
+    # 1/2 |1 - .95| + 1/2 |0 - 1| = .525. The one documented difference from the peer.
+    probs, labels = torch.tensor([[.95, .05], [1., 0.]]), torch.tensor([0, 1])
+    assert M.expected_calibration_error(probs, labels) == pytest.approx(0.475)
+    assert multiclass_calibration_error(probs, labels, 2, n_bins=15).item() == pytest.approx(0.525)
+
+
+def test_summarize_keys_and_values():
+    out = M.summarize(HAND_PROBS, HAND_LABELS, n_bins=4)
+    assert set(out) == {"accuracy", "ece", "mce", "nll", "brier"}
+    assert all(isinstance(v, float) for v in out.values())
+    assert out["ece"] == pytest.approx(0.2) and out["brier"] == pytest.approx(3.415 / 6)
+
+
+# ------------------------------------------------------------------------------------------- parity
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("c", [2, 10, 100])
+@pytest.mark.parametrize("n_bins", [1, 10, 15])
+def test_calibration_parity_with_torchmetrics(seed, c, n_bins):
+    probs, labels = _random_probs(500, c, seed)
+    for norm, ours in (("l1", M.expected_calibration_error), ("max", M.maximum_calibration_error)):
+        ref = multiclass_calibration_error(probs, labels, c, n_bins=n_bins, norm=norm).item()
+        assert ours(probs, labels, n_bins) == pytest.approx(ref, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("c", [2, 10, 100])
+def test_accuracy_and_nll_parity(seed, c):
+    probs, labels = _random_probs(500, c, seed)
+    ref_acc = multiclass_accuracy(probs, labels, c, average="micro").item()
+    assert M.accuracy(probs, labels) == pytest.approx(ref_acc, abs=1e-6)
+    ref_nll = F.nll_loss(probs.double().log(), labels).item()
+    assert M.negative_log_likelihood(probs, labels) == pytest.approx(ref_nll, rel=1e-9)
+
+
+def _edge_probs(n_bins: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows whose max is exactly an inner bin edge k/M (both as torchmetrics' float32 edge and as k/M
+    in ``dtype``), plus 0.2 and 1/3; 40 classes so the edge value stays the max. No confidence is 1.0,
+    where we deliberately differ from torchmetrics."""
+    c = 40
+    edges32 = torch.linspace(0, 1, n_bins + 1)[1:-1].tolist()
+    exact = [k / n_bins for k in range(1, n_bins)]
+    values = torch.tensor(edges32 + exact + [0.2, 1 / 3], dtype=dtype)
+    rest = ((1 - values) / (c - 1))[:, None].expand(-1, c - 1)
+    return torch.cat([values[:, None], rest], dim=1)  # (rows, c)
+
+
+@pytest.mark.parametrize("n_bins", [1, 3, 5, 10, 15])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bin_edges_parity_with_torchmetrics(n_bins, dtype):
+    probs = _edge_probs(n_bins, dtype).repeat(4, 1)  # every edge case, correct and wrong
+    labels = torch.randint(0, 2, (probs.shape[0],), generator=torch.Generator().manual_seed(n_bins))
+    for norm, ours in (("l1", M.expected_calibration_error), ("max", M.maximum_calibration_error)):
+        ref = multiclass_calibration_error(probs, labels, probs.shape[1], n_bins=n_bins, norm=norm).item()
+        assert ours(probs, labels, n_bins) == pytest.approx(ref, abs=1e-6)
+
+
+def test_brier_matches_naive_double_loop():
+    probs, labels = _random_probs(200, 7, seed=3)
+    naive = sum(sum((p - (c == y)) ** 2 for c, p in enumerate(row))
+                for row, y in zip(probs.tolist(), labels.tolist())) / len(labels)
+    assert M.brier_score(probs, labels) == pytest.approx(naive, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------- reliability bins
+
+@pytest.mark.parametrize("n_bins", [1, 10, 15])
+def test_reliability_bins_reproduce_ece(n_bins):
+    probs, labels = _random_probs(500, 10, seed=4)  # no confidence is exactly 1.0 here
+    bins = M.reliability_bins(probs, labels, n_bins)
+    n = len(labels)
+    assert len(bins.edges) == n_bins + 1 and len(bins.count) == n_bins
+    assert sum(bins.count) == n
+    ece = sum(k / n * abs(a - c) for k, a, c in zip(bins.count, bins.accuracy, bins.confidence) if k)
+    assert ece == pytest.approx(M.expected_calibration_error(probs, labels, n_bins), abs=1e-12)
+    json.dumps(dataclasses.asdict(bins))
+
+
+def test_reliability_bins_count_confidence_one():
+    one = torch.tensor([[1.0] + [0.0] * 39] * 3)
+    probs = torch.cat([_edge_probs(15, torch.float32), one])  # plus rows with confidence exactly 1.0
+    labels = torch.arange(len(probs)) % 2
+    bins = M.reliability_bins(probs, labels)
+    assert sum(bins.count) == len(probs) and bins.count[-1] == 5  # 14/15 twice, 1.0 three times
+    n = len(labels)
+    ece = sum(k / n * abs(a - c) for k, a, c in zip(bins.count, bins.accuracy, bins.confidence) if k)
+    assert ece == pytest.approx(M.expected_calibration_error(probs, labels), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------- bootstrap
+
+BUILTINS = [M.accuracy, M.expected_calibration_error, M.maximum_calibration_error,
+            M.negative_log_likelihood, M.brier_score,
+            functools.partial(M.expected_calibration_error, n_bins=7)]
+
+
+@pytest.mark.parametrize("metric", BUILTINS)
+def test_bootstrap_fast_path_equals_generic_loop(metric):
+    probs_a, labels = _random_probs(200, 10, seed=5)
+    probs_b, _ = _random_probs(200, 10, seed=6, scale=1.0)
+    assert M._fast_path(metric) is not None
+    fast = M.paired_bootstrap_ci(metric, probs_a, probs_b, labels, n_resamples=50, seed=1)
+    loop = M.paired_bootstrap_ci(lambda p, y: metric(p, y), probs_a, probs_b, labels, n_resamples=50, seed=1)
+    assert M._fast_path(lambda p, y: metric(p, y)) is None
+    assert dataclasses.astuple(fast) == pytest.approx(dataclasses.astuple(loop), abs=1e-12)
+
+
+def test_resample_indices_are_seeded():
+    draw = lambda seed: M._resample_indices(50, 20, torch.Generator().manual_seed(seed))  # noqa: E731
+    idx = draw(0)
+    assert idx.shape == (20, 50) and idx.dtype == torch.int64 and 0 <= idx.min() and idx.max() < 50
+    assert torch.equal(idx, draw(0)) and not torch.equal(idx, draw(1))
+
+
+def _calibrated_and_overconfident(n: int = 2000, c: int = 10) -> tuple[torch.Tensor, ...]:
+    """Labels drawn from the 'Bayes' probabilities (calibrated); 'MAP' sharpens the same logits."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(n, c, generator=g)
+    bayes = torch.softmax(logits, 1)
+    labels = torch.multinomial(bayes, 1, generator=g).squeeze(1)
+    return torch.softmax(4 * logits, 1), bayes, labels
+
+
+def test_delta_ece_positive_when_bayes_is_better_calibrated():
+    probs_map, probs_bayes, labels = _calibrated_and_overconfident()
+    ci = M.delta_ece_ci(probs_map, probs_bayes, labels, n_resamples=300)
+    ece = M.expected_calibration_error
+    assert ci.estimate == pytest.approx(ece(probs_map, labels) - ece(probs_bayes, labels))
+    assert 0 < ci.low <= ci.estimate <= ci.high
+    assert (ci.level, ci.n_resamples) == (0.95, 300)
+
+
+def test_bootstrap_identical_inputs_give_zero_interval():
+    probs, labels = _random_probs(300, 5, seed=8)
+    ci = M.delta_ece_ci(probs, probs.clone(), labels, n_resamples=200)
+    assert (ci.estimate, ci.low, ci.high) == (0.0, 0.0, 0.0)
+
+
+def test_bootstrap_is_reproducible_and_seed_dependent():
+    probs_map, probs_bayes, labels = _calibrated_and_overconfident(n=500)
+    run = functools.partial(M.delta_ece_ci, probs_map, probs_bayes, labels, n_resamples=200)
+    assert run(seed=3) == run(seed=3)
+    assert run(seed=3) != run(seed=4)
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("probs, labels, match", [
+    (torch.full((4,), 0.5), torch.zeros(4, dtype=torch.long), "2-D"),
+    (torch.full((4, 2), 0.5), torch.zeros(3, dtype=torch.long), r"shape \(N,\)"),
+    (torch.empty(0, 3), torch.empty(0, dtype=torch.long), "empty"),
+    (torch.full((4, 2), 0.5), torch.tensor([0, 1, 2, 0]), r"labels must lie in \[0, 1\]"),
+    (torch.full((4, 2), 0.5), torch.tensor([0, -1, 1, 0]), "labels must lie"),
+    (torch.full((4, 2), 0.5), torch.zeros(4), "integer"),
+    (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), "probabilities"),
+])
+def test_invalid_inputs_raise(probs, labels, match):
+    for metric in (M.accuracy, M.expected_calibration_error, M.summarize, M.reliability_bins):
+        with pytest.raises(ValueError, match=match):
+            metric(probs, labels)
+
+
+@pytest.mark.parametrize("n_bins", [0, -3, 2.5])
+def test_invalid_n_bins_raise(n_bins):
+    for metric in (M.expected_calibration_error, M.maximum_calibration_error, M.reliability_bins):
+        with pytest.raises(ValueError, match="n_bins"):
+            metric(HAND_PROBS, HAND_LABELS, n_bins)
+    with pytest.raises(ValueError, match="n_bins"):
+        M.delta_ece_ci(HAND_PROBS, HAND_PROBS, HAND_LABELS, n_bins=n_bins)
+
+
+@pytest.mark.parametrize("level", [0.0, 1.0, -0.5, 1.5])
+def test_invalid_level_raises(level):
+    with pytest.raises(ValueError, match="level"):
+        M.paired_bootstrap_ci(M.accuracy, HAND_PROBS, HAND_PROBS, HAND_LABELS, level=level)
+
+
+def test_bootstrap_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="same shape"):
+        M.paired_bootstrap_ci(M.accuracy, HAND_PROBS, HAND_PROBS[:, :2].softmax(1), HAND_LABELS)
+    with pytest.raises(ValueError, match="n_resamples"):
+        M.paired_bootstrap_ci(M.accuracy, HAND_PROBS, HAND_PROBS, HAND_LABELS, n_resamples=0)
