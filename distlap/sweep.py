@@ -1,0 +1,178 @@
+"""The layer-wise sweep: Ray Tune trials, searched by Optuna, tracked in MLflow, resumable.
+
+``run_sweep(cfg)``: output folder -> Ray (local, or the cluster at ``cfg.address``) -> MLflow parent
+run -> ``Tuner`` (one placement group per trial: its own bundle plus child bundles for the subset
+tasks; :class:`~distlap.search.StudySearch` over an Optuna RDB study) -> ``summary.csv``.
+``run_sweep(cfg, resume=True)`` continues an interrupted sweep from its output folder
+(``Tuner.restore``): finished trials are kept, unfinished ones restart from their fine-tuning
+checkpoint, and the sweep ends with exactly ``search.num_samples`` trials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import optuna
+import pandas as pd
+import ray
+from ray import tune
+
+from distlap.config import to_yaml
+from distlap.provenance import provenance
+from distlap.search import RUN_ID_KEY, StudySearch, load_study
+from distlap.sweep_config import SweepConfig, max_concurrent
+from distlap.sweep_trial import layerwise_trial
+from distlap.tracking import SweepTracker, flatten, provenance_tags
+from distlap.trial import RESULT_FILE
+
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.csv"
+RAY_DIR = "ray_results"
+SUMMARY_METRICS = ("map/val/nll", "map/test/accuracy", "map/test/ece", "bayes/val/nll", "bayes/test/accuracy",
+                   "bayes/test/ece", "delta_ece", "best_subset", "prior_precision", "tuned_params_pct",
+                   "time_per_epoch_s", "wall_time_s")
+
+
+_STATUS = {optuna.trial.TrialState.COMPLETE: "ok", optuna.trial.TrialState.FAIL: "failed",
+           optuna.trial.TrialState.PRUNED: "pruned"}
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot start: unreachable cluster, occupied or missing output folder."""
+
+
+def run_sweep(cfg: SweepConfig, *, resume: bool = False, log=print) -> pd.DataFrame:
+    """Run (or with ``resume`` continue) the sweep ``cfg`` (resolved: see ``sweep_config.resolve``)."""
+    _prepare_output(cfg, resume)
+    started_ray = _connect(cfg.address)
+    try:
+        concurrency = max_concurrent(cfg, ray.cluster_resources())
+        log(f"[sweep] {cfg.search.num_samples} trials, at most {concurrency} at once, each in "
+            f"{cfg.resources.bundles()}; output {cfg.out}")
+        tracker = SweepTracker.open(
+            cfg.tracking.uri, cfg.tracking.experiment, cfg.search.study_name, run_name=cfg.name,
+            artifact_location=str(cfg.out / "mlartifacts") if cfg.tracking.uri.startswith("sqlite") else None,
+            params=flatten(cfg.model_dump(mode="json", exclude={"trial"})), tags=provenance_tags(provenance()))
+        # Trials report once after fine-tuning (the checkpoint) without the objective, which only
+        # exists after the Laplace stage; Tune would otherwise reject that report.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        _tuner(cfg, tracker, concurrency, resume).fit()
+        summary = summarize(cfg)
+        summary.to_csv(cfg.out / SUMMARY_FILE, index=False)
+        done = len(summary) == cfg.search.num_samples and (summary.status != "unfinished").all()
+        tracker.finish(metrics=_sweep_metrics(cfg, summary), artifacts=[cfg.out / SUMMARY_FILE, cfg.out / CONFIG_FILE],
+                       status="FINISHED" if done else "KILLED")
+        _print_summary(cfg, summary, done, log)
+        return summary
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _prepare_output(cfg: SweepConfig, resume: bool) -> None:
+    saved = cfg.out / CONFIG_FILE
+    if resume and not saved.is_file():
+        raise SweepError(f"--resume: {cfg.out} holds no sweep (no {CONFIG_FILE})")
+    if not resume:
+        if saved.exists():
+            raise SweepError(f"{cfg.out} already holds a sweep; continue it with --resume --output {cfg.out} "
+                             "or choose another --output")
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        saved.write_text(to_yaml(cfg))
+
+
+def _connect(address: str | None) -> bool:
+    """Join the cluster at ``address`` or start a local Ray; True if this call started Ray."""
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address, include_dashboard=False if address is None else None, log_to_driver=True)
+    except (ConnectionError, RuntimeError, TimeoutError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SweepError(f"cannot reach the Ray cluster at --address {address!r}: {first}. Start it "
+                         "(`ray up cluster.yaml`, or `ray start --head` here) or leave --address out "
+                         "to run on a local Ray.") from None
+    return True
+
+
+def trial_resources(cfg: SweepConfig) -> tune.PlacementGroupFactory:
+    """The trial's bundle first, then one child bundle per subset task (PACK: same node if it fits).
+
+    Tune schedules the trainable in bundle 0 and captures the Ray tasks it launches in the same
+    placement group, so subset tasks can only use the child bundles: they never wait on another
+    trial's resources, and with ``eval_tasks=0`` the subsets run in the trial process (no tasks).
+    """
+    return tune.PlacementGroupFactory(cfg.resources.bundles(), strategy="PACK")
+
+
+def _tuner(cfg: SweepConfig, tracker: SweepTracker, concurrency: int, resume: bool) -> tune.Tuner:
+    trainable = tune.with_resources(tune.with_parameters(layerwise_trial, sweep=cfg), trial_resources(cfg))
+    experiment = cfg.out / RAY_DIR / cfg.name
+    if resume and tune.Tuner.can_restore(experiment):
+        return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=StudySearch(cfg.search, tracker),
+                                    metric=cfg.search.metric, mode=cfg.search.direction,
+                                    num_samples=cfg.search.num_samples, max_concurrent_trials=concurrency,
+                                    trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(
+            name=cfg.name, storage_path=str(cfg.out / RAY_DIR),
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=[_MarkFailedRuns(tracker)]))
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+class _MarkFailedRuns(tune.Callback):
+    """A trial whose worker died could not end its MLflow run; the driver marks it FAILED."""
+
+    def __init__(self, tracker: SweepTracker):
+        self.tracker = tracker
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        error = trial.get_pickled_error() or trial.get_error()
+        message = str(error).strip().splitlines()[-1] if error else "unknown error"
+        self.tracker.mark_failed(trial.config[RUN_ID_KEY], message)
+
+
+def summarize(cfg: SweepConfig) -> pd.DataFrame:
+    """One row per Optuna trial: number, Ray trial id, status, params, objective, key metrics, error.
+
+    Built from the study (the sweep's own count of trials) and each trial's ``trial_result.json``.
+    """
+    rows = []
+    for t in load_study(cfg.search).trials:
+        ray_id = t.user_attrs.get("ray_trial_id")
+        result_file = cfg.out / "trials" / str(ray_id) / RESULT_FILE
+        metrics = json.loads(result_file.read_text())["metrics"] if result_file.is_file() else {}
+        rows.append({"optuna_trial": t.number, "trial_id": ray_id, "status": _STATUS.get(t.state, "unfinished"),
+                     **t.params, "objective": t.value, **{m: metrics.get(m) for m in SUMMARY_METRICS},
+                     "mlflow_run_id": t.user_attrs.get(RUN_ID_KEY), "error": t.user_attrs.get("error")})
+    return pd.DataFrame(rows)
+
+
+def _sweep_metrics(cfg: SweepConfig, summary: pd.DataFrame) -> dict[str, float]:
+    ok = summary[summary.status == "ok"]
+    metrics = {"n_trials": len(summary), "n_ok": len(ok), "n_failed": int((summary.status == "failed").sum())}
+    if len(ok):
+        best = ok.objective.idxmin() if cfg.search.direction == "min" else ok.objective.idxmax()
+        metrics.update({f"best/{k}": ok.loc[best, k] for k in ("objective", *SUMMARY_METRICS)
+                        if isinstance(ok.loc[best, k], int | float)})
+    return metrics
+
+
+def _print_summary(cfg: SweepConfig, summary: pd.DataFrame, done: bool, log) -> None:
+    columns = ["optuna_trial", "status", *cfg.search.space, "objective", "bayes/test/ece", "delta_ece",
+               "best_subset"]
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        log(summary[columns].to_string(index=False))
+    log(f"[sweep] objective {cfg.search.metric} ({cfg.search.direction}); summary {cfg.out / SUMMARY_FILE}")
+    log(f"[sweep] mlflow ui --backend-store-uri {cfg.tracking.uri}")
+    log(f"[sweep] optuna trials --storage {cfg.search.storage} --study-name {cfg.search.study_name}")
+    if not done:
+        log(f"[sweep] interrupted after {len(summary)} of {cfg.search.num_samples} trials started; continue with "
+            f"python sweeps/layerwise.py --resume --output {cfg.out}")

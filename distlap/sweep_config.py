@@ -1,0 +1,268 @@
+"""Validated settings of a layer-wise sweep: the base trial, the search space, resources, tracking.
+
+A :class:`SweepConfig` embeds the :class:`~distlap.config.TrialConfig` every trial starts from; the
+searched settings (``search.space``, dotted trial paths such as ``train.prior_precision``) are
+overridden per trial. Everything is checked here, before Ray starts: unknown keys, bad values, search
+ranges whose ends are not valid trial settings, an objective that is not on the validation split,
+resources that cannot hold one trial.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from distlap.config import ConfigError, TrialConfig, _Strict, build, deep_merge, parse_overrides, read_yaml
+
+METRICS = ("accuracy", "ece", "mce", "nll", "brier")
+
+
+class SearchParam(_Strict):
+    """One searched trial setting: a float range (log-uniform or uniform) or a categorical choice."""
+
+    kind: Literal["loguniform", "uniform", "choice"] = Field(
+        description="loguniform / uniform: a float in [low, high]; choice: one of `values`.")
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = Field(None, description="The categories of `choice`.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SearchParam:
+        if self.kind == "choice":
+            if not self.values or self.low is not None or self.high is not None:
+                raise ValueError("kind=choice needs a non-empty `values` list and no low/high")
+        elif self.values is not None or self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"kind={self.kind} needs low < high and no `values` "
+                             f"(got low={self.low}, high={self.high})")
+        elif self.kind == "loguniform" and self.low <= 0:
+            raise ValueError(f"kind=loguniform needs low > 0 (got {self.low})")
+        return self
+
+    def ends(self) -> list[Any]:
+        """The values that must all be valid trial settings: both ends of a range, every category."""
+        return list(self.values) if self.kind == "choice" else [self.low, self.high]
+
+
+def _default_space() -> dict[str, SearchParam]:
+    return {"train.prior_precision": SearchParam(kind="loguniform", low=1e-1, high=1e3),
+            "peft.rank": SearchParam(kind="choice", values=[2, 4, 8, 16])}
+
+
+class SearchConfig(_Strict):
+    """Optuna (TPE) over the trial settings in ``space``, selecting on a validation-split metric."""
+
+    space: dict[str, SearchParam] = Field(
+        default_factory=_default_space, description="Dotted trial setting -> its distribution.")
+    metric: str = Field(
+        "bayes/val/nll", description="Objective: {bayes,map}/val/{accuracy,ece,mce,nll,brier}; bayes = "
+        "the Laplace predictive with every block stochastic (subset 'all'). Never a test metric.")
+    mode: Literal["min", "max"] | None = Field(None, description="None = max for accuracy, else min.")
+    num_samples: int = Field(4, gt=0, description="Trials in the sweep (Optuna trials, Ray trials).")
+    seed: int = Field(0, ge=0, description="Seed of Optuna's TPE sampler.")
+    points_to_evaluate: list[dict[str, Any]] = Field(
+        default_factory=list, description="Settings tried first (e.g. the lambda=1 baseline); keys are "
+        "the names in `space`, each point names all of them.")
+    storage: str | None = Field(
+        None, description="Optuna storage (SQLAlchemy URL); None = sqlite:///<output_dir>/optuna.db.")
+    study_name: str | None = Field(None, description="None = the output folder's name (stable on resume).")
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _flatten_space(cls, v: Any) -> Any:
+        """Nested YAML ({train: {prior_precision: {kind: ...}}}, what ``key=value`` overrides produce)
+        -> dotted names; a null entry removes a setting from the space."""
+        if not isinstance(v, dict):
+            return v
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, dict) and "kind" not in node:
+                for key, child in node.items():
+                    walk(f"{prefix}.{key}" if prefix else str(key), child)
+            elif node is not None:
+                flat[prefix] = node
+        walk("", v)
+        return flat
+
+    @field_validator("space")
+    @classmethod
+    def _not_empty(cls, v: dict[str, SearchParam]) -> dict[str, SearchParam]:
+        if not v:
+            raise ValueError("name at least one trial setting to search (e.g. train.prior_precision)")
+        return v
+
+    @field_validator("metric")
+    @classmethod
+    def _validation_metric(cls, v: str) -> str:
+        allowed = [f"{kind}/val/{m}" for kind in ("bayes", "map") for m in METRICS]
+        if v not in allowed:
+            raise ValueError(f"{v!r} is not a validation-split objective; use one of {', '.join(allowed)}")
+        return v
+
+    @property
+    def direction(self) -> Literal["min", "max"]:
+        return self.mode or ("max" if self.metric.endswith("/accuracy") else "min")
+
+
+class ResourcesConfig(_Strict):
+    """One trial = a placement group: its own bundle plus one child bundle per concurrent subset task."""
+
+    cpus_per_trial: float = Field(1, gt=0, description="CPUs of the trial's own bundle (torch threads).")
+    gpus_per_trial: float = Field(0, ge=0, description="GPUs of the trial's own bundle (fine-tuning, fit).")
+    eval_tasks: int = Field(
+        0, ge=0, description="Child bundles per trial; subset evaluations run as that many parallel Ray "
+        "tasks inside them. 0 = evaluate the subsets in the trial process.")
+    cpus_per_eval_task: float = Field(1, ge=0, description="CPUs of each child bundle / subset task.")
+    gpus_per_eval_task: float = Field(0, ge=0, le=1, description="Fraction of a GPU per subset task.")
+    max_concurrent: int | None = Field(
+        None, gt=0, description="Trials at once; None = as many placement groups as the cluster holds.")
+
+    @model_validator(mode="after")
+    def _child_bundles_not_empty(self) -> ResourcesConfig:
+        if self.eval_tasks and not (self.cpus_per_eval_task or self.gpus_per_eval_task):
+            raise ValueError("eval_tasks > 0 needs cpus_per_eval_task or gpus_per_eval_task > 0")
+        return self
+
+    def bundles(self) -> list[dict[str, float]]:
+        """Placement-group bundles: the trial's own first, then its child bundles."""
+        def bundle(cpus: float, gpus: float) -> dict[str, float]:
+            return {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v}
+        child = [bundle(self.cpus_per_eval_task, self.gpus_per_eval_task)] * self.eval_tasks
+        return [bundle(self.cpus_per_trial, self.gpus_per_trial), *child]
+
+    def task_resources(self) -> dict[str, float]:
+        """Ray options of one subset task: exactly one child bundle, so k tasks fill k bundles."""
+        return {"num_cpus": self.cpus_per_eval_task, "num_gpus": self.gpus_per_eval_task}
+
+    def per_trial(self) -> dict[str, float]:
+        total = {"CPU": 0.0, "GPU": 0.0}
+        for b in self.bundles():
+            for key, value in b.items():
+                total[key] += value
+        return total
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; None = sqlite:///<output_dir>/mlflow.db. On a cluster an "
+        "http:// tracking server every node reaches.")
+    experiment: str = Field("distlap-layerwise", description="MLflow experiment holding the sweep runs.")
+
+
+class SweepConfig(_Strict):
+    """A layer-wise sweep. ``trial`` is the base trial; ``search.space`` names what varies."""
+
+    name: str = Field("layerwise", description="Sweep name: Ray experiment and MLflow parent run name.")
+    output_dir: str | None = Field(
+        None, description="Folder holding config.yaml, mlflow.db, optuna.db, ray_results/, trials/, "
+        "summary.csv; None = runs/<name>-<timestamp>. Shared storage on a multi-node cluster.")
+    address: str | None = Field(None, description="Ray cluster (ray://host:10001 or auto); None = local Ray.")
+    max_failures: int = Field(0, ge=0, description="Retries of a failed trial (Ray FailureConfig); a "
+                              "retried trial resumes from its fine-tuning checkpoint.")
+    trial: TrialConfig = TrialConfig()
+    search: SearchConfig = SearchConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError(f"{v!r}: use letters, digits, '-', '_' or '.'")
+        return v
+
+    @property
+    def out(self) -> Path:
+        if self.output_dir is None:
+            raise ValueError("output_dir is unresolved; call distlap.sweep_config.resolve first")
+        return Path(self.output_dir)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def trial_config(cfg: SweepConfig, params: dict[str, Any], **extra: Any) -> TrialConfig:
+    """The base trial with searched ``params`` ({"peft.rank": 4, ...}) and top-level ``extra`` applied."""
+    raw = deep_merge(cfg.trial.model_dump(), _nest(params))
+    return build(TrialConfig, {**raw, **extra})
+
+
+def _nest(params: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def check(cfg: SweepConfig) -> SweepConfig:
+    """Cross-field checks pydantic cannot see field by field; raise ConfigError naming the field."""
+    problems = []
+    if cfg.trial.output_dir is not None:
+        problems.append("trial.output_dir: set the sweep's output_dir instead (each trial writes to "
+                        "<output_dir>/trials/<trial id>)")
+    for name, param in cfg.search.space.items():
+        for value in param.ends():
+            try:
+                trial_config(cfg, {name: value})
+            except ConfigError as err:
+                problems.append(f"search.space.{name}: value {value!r} is not a valid trial setting "
+                                f"({_one_line(err)})")
+                break
+    for i, point in enumerate(cfg.search.points_to_evaluate):
+        if set(point) != set(cfg.search.space):
+            problems.append(f"search.points_to_evaluate[{i}]: keys {sorted(point)} must be exactly the "
+                            f"searched settings {sorted(cfg.search.space)}")
+            continue
+        try:
+            trial_config(cfg, point)
+        except ConfigError as err:
+            problems.append(f"search.points_to_evaluate[{i}]: {_one_line(err)}")
+    if cfg.resources.eval_tasks and cfg.trial.laplace.predictive == "glm":
+        problems.append("resources.eval_tasks: the glm predictive serves every subset from one Jacobian "
+                        "pass in the trial process; set resources.eval_tasks=0")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def _one_line(err: ConfigError) -> str:
+    return str(err).removeprefix("invalid config:\n  ").replace("\n  ", "; ")
+
+
+def load_sweep_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SweepConfig:
+    """YAML file (optional) + ``key=value`` overrides -> a checked (not yet resolved) SweepConfig."""
+    raw = read_yaml(path) if path is not None else {}
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    return check(build(SweepConfig, raw))
+
+
+def resolve(cfg: SweepConfig, *, now: float | None = None) -> SweepConfig:
+    """Absolute output folder, tracking URI, Optuna storage and study name (Ray trials run elsewhere)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    out = Path(cfg.output_dir or f"runs/{cfg.name}-{stamp}").expanduser().resolve()
+    search = cfg.search.model_copy(update={
+        "storage": cfg.search.storage or f"sqlite:///{out / 'optuna.db'}",
+        "study_name": cfg.search.study_name or out.name})
+    tracking = cfg.tracking.model_copy(update={"uri": cfg.tracking.uri or f"sqlite:///{out / 'mlflow.db'}"})
+    return cfg.model_copy(update={"output_dir": str(out), "search": search, "tracking": tracking})
+
+
+def max_concurrent(cfg: SweepConfig, cluster: dict[str, float]) -> int:
+    """Trials at once: the configured cap, else how many trials' bundles the cluster's totals hold.
+
+    Raises ConfigError when the cluster cannot hold even one trial (Tune would wait forever).
+    """
+    need = cfg.resources.per_trial()
+    fits = [math.floor(cluster.get(key, 0.0) / amount + 1e-9) for key, amount in need.items() if amount]
+    if min(fits) < 1:
+        raise ConfigError(f"one trial needs {need['CPU']:g} CPUs and {need['GPU']:g} GPUs "
+                          f"(resources.*), but the Ray cluster has {cluster.get('CPU', 0):g} CPUs and "
+                          f"{cluster.get('GPU', 0):g} GPUs")
+    return min(cfg.resources.max_concurrent or min(fits), cfg.search.num_samples)

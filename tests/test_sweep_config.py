@@ -1,0 +1,115 @@
+from pathlib import Path
+
+import pytest
+
+from distlap.config import ConfigError
+from distlap.sweep_config import (SweepConfig, load_sweep_config, max_concurrent, resolve,
+                                  trial_config)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "sweeps" / "configs"
+
+
+def test_shipped_configs_load():
+    default = load_sweep_config(CONFIGS / "default.yaml")
+    assert default.search.num_samples >= 4
+    assert set(default.search.space) == {"train.prior_precision", "peft.rank"}
+    assert default.search.space["train.prior_precision"].kind == "loguniform"
+    assert default.search.space["peft.rank"].kind == "choice"
+    assert default.trial.backbone.name == "distlap/vit-tiny-fmnist"
+    assert default.search.metric == "bayes/val/nll" and default.search.direction == "min"
+    smoke = load_sweep_config(CONFIGS / "smoke.yaml")
+    assert smoke.trial.backbone.name == "distlap/vit-mini-fmnist"
+    vit = load_sweep_config(CONFIGS / "vit_b16_cifar100.yaml")
+    assert (vit.trial.data.dataset, vit.trial.peft.rank, vit.trial.peft.alpha) == ("cifar100", 16, 16)
+    assert (vit.trial.train.epochs, vit.trial.train.lr, vit.trial.laplace.n_samples) == (20, 1e-3, 30)
+    assert vit.search.points_to_evaluate == [{"train.prior_precision": 1.0, "peft.rank": 16}]
+
+
+def test_space_overrides_nest_merge_and_remove():
+    cfg = load_sweep_config(CONFIGS / "default.yaml", ["search.space.peft.rank.values=[4, 8]",
+                                                        "search.space.train.lr={kind: loguniform, low: 1e-4, high: 1e-2}"])
+    assert cfg.search.space["peft.rank"].values == [4, 8]
+    assert cfg.search.space["train.prior_precision"].kind == "loguniform"  # kept from the file
+    assert cfg.search.space["train.lr"].low == 1e-4
+    cfg = load_sweep_config(CONFIGS / "default.yaml", ["search.space.peft=null"])
+    assert set(cfg.search.space) == {"train.prior_precision"}
+
+
+def test_trial_config_applies_searched_params():
+    cfg = load_sweep_config(CONFIGS / "default.yaml")
+    trial = trial_config(cfg, {"train.prior_precision": 12.5, "peft.rank": 4}, output_dir="/tmp/x")
+    assert (trial.train.prior_precision, trial.peft.rank, trial.output_dir) == (12.5, 4, "/tmp/x")
+    assert trial.data.max_train == cfg.trial.data.max_train
+
+
+@pytest.mark.parametrize("override, match", [
+    ("search.space.peft.rank.values=[0, 4]", r"search\.space\.peft\.rank: value 0 .*peft\.rank: .*greater than 0"),
+    ("search.space.peft.rnak={kind: choice, values: [2]}", r"search\.space\.peft\.rnak: .*unknown setting"),
+    ("search.space.train.prior_precision.low=0", r"search\.space\.train\.prior_precision: .*low > 0"),
+    ("search.space.train.prior_precision.kind=choice", r"kind=choice needs a non-empty `values`"),
+    ("search.space=null", r"search\.space: .*valid dictionary"),
+    ("search.space={peft: null, train: null}", r"search\.space: .*at least one trial setting"),
+    ("search.metric=bayes/test/nll", r"search\.metric: 'bayes/test/nll' is not a validation-split objective"),
+    ("search.num_sampels=4", r"search\.num_sampels: unknown setting"),
+    ("search.num_samples=0", r"search\.num_samples: .*greater than 0"),
+    ("search.points_to_evaluate=[{peft.rank: 4}]", r"search\.points_to_evaluate\[0\]: keys"),
+    ("search.points_to_evaluate=[{peft.rank: 0, train.prior_precision: 1}]",
+     r"search\.points_to_evaluate\[0\]: peft\.rank"),
+    ("resources.eval_tasks=2", None),  # valid: cpus_per_eval_task defaults to 1
+    ("resources.cpus_per_eval_task=0", None),  # valid while eval_tasks=0
+    ("trial.peft.rank=-1", r"trial\.peft\.rank: .*greater than 0"),
+    ("trial.output_dir=/tmp/t", r"trial\.output_dir: set the sweep's output_dir"),
+    ("name=a b", r"name: .*letters, digits"),
+])
+def test_bad_settings_name_the_field(override, match):
+    if match is None:
+        load_sweep_config(CONFIGS / "default.yaml", [override])
+        return
+    with pytest.raises(ConfigError, match=match):
+        load_sweep_config(CONFIGS / "default.yaml", [override])
+
+
+def test_cross_field_resource_errors():
+    with pytest.raises(ConfigError, match=r"resources: .*eval_tasks > 0 needs"):
+        load_sweep_config(overrides=["resources.eval_tasks=2", "resources.cpus_per_eval_task=0"])
+    with pytest.raises(ConfigError, match=r"resources\.eval_tasks: the glm predictive"):
+        load_sweep_config(overrides=["resources.eval_tasks=2", "trial.laplace.predictive=glm"])
+
+
+def test_resolve_makes_everything_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve(SweepConfig(name="s"), now=0)
+    out = Path(cfg.output_dir)
+    assert out.is_absolute() and out.parent == tmp_path / "runs" and out.name.startswith("s-19")
+    assert cfg.tracking.uri == f"sqlite:///{out}/mlflow.db" and cfg.tracking.uri.startswith("sqlite:////")
+    assert cfg.search.storage == f"sqlite:///{out}/optuna.db"
+    assert cfg.search.study_name == out.name
+    given = resolve(SweepConfig(output_dir="rel", tracking={"uri": "http://head:5000"},
+                                search={"study_name": "mine"}))
+    assert given.output_dir == str(tmp_path / "rel")
+    assert (given.tracking.uri, given.search.study_name) == ("http://head:5000", "mine")
+
+
+def test_bundles_fit_the_subset_tasks_exactly():
+    """Subset tasks are captured in the trial's placement group: each must fit one child bundle and
+    never need the trial's own bundle, so k tasks run in k child bundles and nothing waits forever."""
+    cfg = load_sweep_config(CONFIGS / "vit_b16_cifar100.yaml")
+    own, *children = cfg.resources.bundles()
+    assert own == {"CPU": 4, "GPU": 1} and len(children) == cfg.resources.eval_tasks == 4
+    task = cfg.resources.task_resources()
+    assert all(b == {"CPU": task["num_cpus"], "GPU": task["num_gpus"]} for b in children)
+    assert cfg.resources.per_trial() == {"CPU": 8, "GPU": 2}
+    local = load_sweep_config(CONFIGS / "default.yaml")
+    assert local.resources.bundles() == [{"CPU": 1}]  # subsets in-process: no child bundles
+
+
+def test_concurrency_follows_the_cluster():
+    cfg = load_sweep_config(CONFIGS / "default.yaml")
+    assert max_concurrent(cfg, {"CPU": 2.0}) == 2
+    assert max_concurrent(cfg, {"CPU": 64.0}) == cfg.search.num_samples
+    assert max_concurrent(load_sweep_config(CONFIGS / "default.yaml", ["resources.max_concurrent=1"]),
+                          {"CPU": 2.0}) == 1
+    vit = load_sweep_config(CONFIGS / "vit_b16_cifar100.yaml")
+    assert max_concurrent(vit, {"CPU": 64.0, "GPU": 8.0}) == 4
+    with pytest.raises(ConfigError, match=r"one trial needs 8 CPUs and 2 GPUs .* has 2 CPUs and 0 GPUs"):
+        max_concurrent(vit, {"CPU": 2.0})
