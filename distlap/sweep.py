@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -21,7 +23,7 @@ from ray import tune
 from distlap.config import to_yaml
 from distlap.provenance import provenance
 from distlap.search import RUN_ID_KEY, StudySearch, load_study
-from distlap.sweep_config import SweepConfig, max_concurrent
+from distlap.sweep_config import SweepConfig, load_sweep_config, max_concurrent
 from distlap.sweep_trial import layerwise_trial
 from distlap.tracking import SweepTracker, flatten, provenance_tags
 from distlap.trial import RESULT_FILE
@@ -44,9 +46,12 @@ class SweepError(RuntimeError):
 
 def run_sweep(cfg: SweepConfig, *, resume: bool = False, log=print) -> pd.DataFrame:
     """Run (or with ``resume`` continue) the sweep ``cfg`` (resolved: see ``sweep_config.resolve``)."""
-    _prepare_output(cfg, resume)
+    _check_output(cfg, resume)
     started_ray = _connect(cfg.address)
     try:
+        if not resume:
+            cfg.out.mkdir(parents=True, exist_ok=True)
+            (cfg.out / CONFIG_FILE).write_text(to_yaml(cfg))
         concurrency = max_concurrent(cfg, ray.cluster_resources())
         log(f"[sweep] {cfg.search.num_samples} trials, at most {concurrency} at once, each in "
             f"{cfg.resources.bundles()}; output {cfg.out}")
@@ -70,30 +75,48 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, log=print) -> pd.DataFr
             ray.shutdown()
 
 
-def _prepare_output(cfg: SweepConfig, resume: bool) -> None:
+def load_saved(out: Path, overrides: list[str] | None = None) -> SweepConfig:
+    """The config a sweep saved in its output folder: what ``--resume`` continues."""
+    saved = out.expanduser().resolve() / CONFIG_FILE
+    if not saved.is_file():
+        raise SweepError(f"--resume: {out} holds no sweep (no {CONFIG_FILE})")
+    return load_sweep_config(saved, overrides)
+
+
+def _check_output(cfg: SweepConfig, resume: bool) -> None:
     saved = cfg.out / CONFIG_FILE
     if resume and not saved.is_file():
         raise SweepError(f"--resume: {cfg.out} holds no sweep (no {CONFIG_FILE})")
-    if not resume:
-        if saved.exists():
-            raise SweepError(f"{cfg.out} already holds a sweep; continue it with --resume --output {cfg.out} "
-                             "or choose another --output")
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(to_yaml(cfg))
+    if not resume and saved.exists():
+        raise SweepError(f"{cfg.out} already holds a sweep; continue it with --resume --output {cfg.out} "
+                         "or choose another --output")
 
 
 def _connect(address: str | None) -> bool:
     """Join the cluster at ``address`` or start a local Ray; True if this call started Ray."""
     if ray.is_initialized():
         return False
+    _check_reachable(address)
     try:
         ray.init(address=address, include_dashboard=False if address is None else None, log_to_driver=True)
     except (ConnectionError, RuntimeError, TimeoutError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
         raise SweepError(f"cannot reach the Ray cluster at --address {address!r}: {first}. Start it "
                          "(`ray up cluster.yaml`, or `ray start --head` here) or leave --address out "
                          "to run on a local Ray.") from None
     return True
+
+
+def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on a HOST:PORT nobody listens on (Ray itself retries for minutes)."""
+    if address in (None, "auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as err:
+        raise SweepError(f"cannot reach the Ray cluster at --address {address!r} ({err}); expected "
+                         "ray://HEAD:10001 (Ray Client) or HEAD:6379 (on a cluster node), or auto") from None
 
 
 def trial_resources(cfg: SweepConfig) -> tune.PlacementGroupFactory:

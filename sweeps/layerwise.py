@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from distlap.config import ConfigError
-from distlap.sweep import CONFIG_FILE, SweepError, run_sweep
+from distlap.sweep import CONFIG_FILE, SweepError, load_saved, run_sweep
 from distlap.sweep_config import load_sweep_config, resolve
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = [f"address={args.address}"] if args.address else []
     try:
         if args.resume:
-            cfg = load_sweep_config(args.output / CONFIG_FILE, extra)
+            cfg = load_saved(args.output, extra)
         else:
             path = CONFIGS / "smoke.yaml" if args.smoke_test else args.config or CONFIGS / "default.yaml"
             output = [f"output_dir={args.output.resolve()}"] if args.output else []

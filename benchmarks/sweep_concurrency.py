@@ -1,0 +1,93 @@
+"""Wall time of the same trials run as concurrent Ray trials vs one after another, in one process run.
+
+python benchmarks/sweep_concurrency.py [--config sweeps/configs/default.yaml] [--trials 4] [--threaded]
+                                       [--output DIR] [key=value ...]
+
+Every variant runs the default sweep's trials (same config, same fixed points of the search space, so
+the same work) on one local Ray instance started once; only scheduling differs:
+  concurrent   as many trials at once as the cluster's CPUs hold (cpus_per_trial each)
+  sequential   one trial at a time, same resources per trial (the idle cores stay idle)
+  threaded     (--threaded) one trial at a time with every CPU as torch threads: the honest rival
+The ratio is sequential wall / concurrent wall (target >= 1.6 on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from distlap.sweep import run_sweep
+from distlap.sweep_config import SweepConfig, load_sweep_config, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fixed_points(cfg: SweepConfig, n: int) -> list[dict]:
+    """n points spread over the space (geometric / linear ranges, categories in turn): identical work."""
+    points = [{} for _ in range(n)]
+    for name, p in cfg.search.space.items():
+        if p.kind == "choice":
+            values = [p.values[i % len(p.values)] for i in range(n)]
+        else:
+            spread = np.geomspace if p.kind == "loguniform" else np.linspace
+            values = [float(v) for v in spread(p.low, p.high, n + 2)[1:-1]]
+        for point, value in zip(points, values):
+            point[name] = value
+    return points
+
+
+def variants(base: SweepConfig, cpus: int, threaded: bool) -> dict[str, list[str]]:
+    out = {"concurrent": [], "sequential": ["resources.max_concurrent=1"]}
+    if threaded:
+        out["threaded"] = ["resources.max_concurrent=1", f"resources.cpus_per_trial={cpus}"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "sweeps" / "configs" / "default.yaml")
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--threaded", action="store_true", help="add the one-trial-many-threads baseline")
+    parser.add_argument("--output", type=Path, help="where the sweeps write (default: a temporary folder)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+
+    base = load_sweep_config(args.config, args.overrides)
+    points = fixed_points(base, args.trials)
+    point_override = "search.points_to_evaluate=[" + ", ".join(
+        "{" + ", ".join(f"{k}: {v}" for k, v in p.items()) + "}" for p in points) + "]"
+    ray.init(include_dashboard=False, log_to_driver=True)
+    cpus = int(ray.cluster_resources()["CPU"])
+    root = args.output or Path(tempfile.mkdtemp(prefix="sweep_concurrency-"))
+    walls: dict[str, tuple[float, int, int]] = {}
+    try:
+        for name, extra in variants(base, cpus, args.threaded).items():
+            cfg = resolve(load_sweep_config(args.config, [
+                *args.overrides, point_override, f"search.num_samples={args.trials}", *extra,
+                f"output_dir={root / name}"]))
+            start = time.perf_counter()
+            summary = run_sweep(cfg)
+            walls[name] = (time.perf_counter() - start, int((summary.status == "ok").sum()),
+                           int(cfg.resources.cpus_per_trial))
+    finally:
+        ray.shutdown()
+
+    t = base.trial
+    print(f"\nsweep_concurrency: {args.trials} trials of {args.config.name} ({t.backbone.name}, "
+          f"max_train={t.data.max_train}, epochs={t.train.epochs}, fit_examples={t.laplace.fit_examples}, "
+          f"n_samples={t.laplace.n_samples}, val/test={t.data.max_val}/{t.data.max_test}) on {cpus} CPUs")
+    print(f"points: {points}")
+    print(f"{'variant':<12} {'threads/trial':>13} {'trials ok':>9} {'wall s':>8} {'s/trial':>8} {'speed-up':>9}")
+    sequential = walls["sequential"][0]
+    for name, (wall, ok, threads) in walls.items():
+        print(f"{name:<12} {threads:>13} {ok:>9} {wall:>8.1f} {wall / args.trials:>8.1f} {sequential / wall:>8.2f}x")
+    print(f"ratio sequential / concurrent = {sequential / walls['concurrent'][0]:.2f} (target >= 1.6)")
+
+
+if __name__ == "__main__":
+    main()
