@@ -1,0 +1,16 @@
+"""Turns a layer-wise sweep's results into tables, plots, a summary JSON and one HTML page.
+
+``python analysis/report.py <sweep output folder>`` (or ``--tracking-uri URI --experiment NAME``)
+writes ``<output>/report/``; :func:`analysis.report.build_report` does the same from Python (the sweep
+calls it at its end). One module per step:
+
+- :mod:`analysis.collect`: a sweep output folder -> :class:`~analysis.collect.SweepData`
+- :mod:`analysis.mlflow_io`: the same from MLflow runs, and logging the report to the parent run
+- :mod:`analysis.aggregate`: per (trial, subset) rows -> per (config, subset) over seeds -> ranking
+- :mod:`analysis.findings`: the key findings (``analysis_summary.json``) and their narrative
+- :mod:`analysis.figures`, :mod:`analysis.optuna_views`: the PNGs
+- :mod:`analysis.page`: the self-contained ``report.html``
+
+Module names avoid ``html``, ``tables`` and other importable names: ``python analysis/report.py``
+puts this folder first on ``sys.path``, where such a file would shadow the library of that name.
+"""

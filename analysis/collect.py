@@ -1,0 +1,150 @@
+"""A sweep's results in one place: :class:`SweepData`, read from a sweep output folder.
+
+The folder (``python sweeps/layerwise.py --output DIR``) holds ``config.yaml`` (the resolved
+:class:`~distlap.sweep_config.SweepConfig`), ``optuna.db`` (the study: the sweep's own count of trials,
+their state, searched parameters and objective) and ``trials/<ray trial id>/`` with
+``layer_wise_results.json`` (the layer subsets) and, once the trial finished, ``trial_result.json``
+(the trial's metrics) and ``config.yaml``. ``summary.csv`` is only written at the sweep's end, so it
+is not read here: a running or interrupted sweep reports what its trials have written so far.
+:mod:`analysis.mlflow_io` builds the same :class:`SweepData` from MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import pandas as pd
+
+from distlap.config import ConfigError
+from distlap.layerwise import RESULTS_FILE
+from distlap.search import load_study
+from distlap.sweep import CONFIG_FILE, summarize
+from distlap.sweep_config import SearchConfig, SweepConfig, load_sweep_config
+from distlap.trial import RESULT_FILE
+
+SEED = "seed"   # the trial setting that makes repeats of one configuration
+
+
+class ReportError(RuntimeError):
+    """The report cannot be made: not a sweep, unreadable study or MLflow experiment, no results yet."""
+
+
+@dataclass
+class SweepData:
+    """What a report is made from, whichever source it came from.
+
+    ``trials``: one row per trial the sweep knows of (also failed and unfinished ones): ``optuna_trial``,
+    ``trial_id`` (Ray's), ``status`` (ok | failed | pruned | unfinished), the searched settings under
+    their dotted names, ``seed``, ``objective``, ``mlflow_run_id``, ``error`` and the trial's metrics
+    (``map/test/ece``, ``wall_time_s``, ...). ``results``: ``layer_wise_results.json`` per trial id.
+    """
+
+    name: str
+    source: str
+    search: SearchConfig
+    trials: pd.DataFrame
+    results: dict[str, dict]
+    study: optuna.Study | None = None
+    output_dir: Path | None = None
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    parent_run_id: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def config_params(self) -> list[str]:
+        """The searched settings that define a configuration; repeats differ only in the seed."""
+        return [p for p in self.search.space if p != SEED]
+
+    def missing(self) -> pd.DataFrame:
+        """Known trials without layer-wise results, with the reason (``status``, ``error``)."""
+        rows = self.trials[~self.trials.trial_id.isin(self.results)]
+        return rows[["optuna_trial", "trial_id", "status", "error"]].reset_index(drop=True)
+
+    @property
+    def not_started(self) -> int:
+        return max(0, self.search.num_samples - len(self.trials))
+
+
+def load_folder(path: str | Path) -> SweepData:
+    """Read the sweep output folder ``path``; :class:`ReportError` if it is not one or has no results."""
+    out = Path(path).expanduser().resolve()
+    cfg = _sweep_config(out)
+    search = cfg.search.model_copy(update={"storage": _local_sqlite(cfg.search.storage, out)})
+    study = open_study(search)
+    trials = summarize(cfg.model_copy(update={"search": search, "output_dir": str(out)}))
+    trials = _with_trial_files(trials, out / "trials", cfg)
+    results = {tid: read_json(out / "trials" / tid / RESULTS_FILE) for tid in trials.trial_id}
+    data = SweepData(name=cfg.name, source=f"sweep folder {out}", search=search, trials=trials,
+                     results={tid: r for tid, r in results.items() if r is not None}, study=study,
+                     output_dir=out, tracking_uri=_local_sqlite(cfg.tracking.uri, out),
+                     experiment=cfg.tracking.experiment)
+    return check_has_results(data)
+
+
+def check_has_results(data: SweepData) -> SweepData:
+    if not data.results:
+        states = data.trials.status.value_counts().to_dict() if len(data.trials) else {}
+        raise ReportError(f"no trial of sweep {data.name!r} ({data.source}) has layer-wise results yet "
+                          f"({data.search.num_samples} planned, {len(data.trials)} started: {states or 'none'}); "
+                          "run the report again once a trial has finished")
+    return data
+
+
+def _sweep_config(out: Path) -> SweepConfig:
+    hint = ("pass the --output folder of `python sweeps/layerwise.py` (it holds config.yaml, optuna.db, "
+            "mlflow.db and trials/), or --tracking-uri URI --experiment NAME")
+    if not out.is_dir():
+        raise ReportError(f"{out}: no such folder; {hint}")
+    if (out / RESULT_FILE).is_file() or (out / RESULTS_FILE).is_file():
+        raise ReportError(f"{out} is one trial's folder, not a sweep output folder; {hint} "
+                          f"(for a sweep's trial that is {out.parent.parent})")
+    if not (out / CONFIG_FILE).is_file():
+        raise ReportError(f"{out} is not a sweep output folder (no {CONFIG_FILE}); {hint}")
+    try:
+        return load_sweep_config(out / CONFIG_FILE)
+    except ConfigError as err:
+        raise ReportError(f"{out / CONFIG_FILE} is not a sweep config ({str(err).splitlines()[-1].strip()}); "
+                          f"{hint}") from None
+
+
+def _local_sqlite(url: str | None, out: Path) -> str | None:
+    """A SQLite URL whose file is gone but whose namesake sits in ``out``: the folder was moved."""
+    if url and url.startswith("sqlite:///"):
+        file = Path(url.removeprefix("sqlite:///"))
+        if not file.is_file() and (out / file.name).is_file():
+            return f"sqlite:///{out / file.name}"
+    return url
+
+
+def open_study(search: SearchConfig) -> optuna.Study:
+    """The sweep's Optuna study, never creating an empty SQLite file for a missing one."""
+    storage = search.storage or ""
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        raise ReportError(f"the sweep's Optuna study is missing: no file {storage.removeprefix('sqlite:///')}")
+    try:
+        return load_study(search)
+    except Exception as err:  # KeyError (no such study), SQLAlchemy errors (unreachable database)
+        raise ReportError(f"cannot read the Optuna study {search.study_name!r} at {storage}: "
+                          f"{type(err).__name__}: {err}") from None
+
+
+def _with_trial_files(trials: pd.DataFrame, trials_dir: Path, cfg: SweepConfig) -> pd.DataFrame:
+    """Add each trial's seed and its full metrics (``trial_result.json``) to the sweep's summary rows."""
+    rows = []
+    for row in trials.to_dict("records"):
+        result = read_json(trials_dir / str(row["trial_id"]) / RESULT_FILE) or {}
+        seed = row.get(SEED, (result.get("config") or {}).get(SEED, cfg.trial.seed))
+        rows.append({**row, SEED: seed, **result.get("metrics", {})})
+    return pd.DataFrame(rows)
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON in ``path``, or None when absent or half-written (a trial still writing it)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

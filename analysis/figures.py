@@ -1,0 +1,105 @@
+"""The report's PNGs: ranked Δ_ECE, Δ_ECE against block depth, ECE per subset, reliability diagrams.
+
+Every figure is ``FIGSIZE`` inches at ``DPI`` (800 x 450 px; reliability diagrams are
+:func:`distlap.plots.reliability_diagram`'s own 420 x 520 px), so a page of them reads alike.
+ECE and Δ_ECE are absolute calibration errors on the test split (fractions in [0, 1]).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from distlap.plots import reliability_diagram  # noqa: E402
+
+FIGSIZE = (8.0, 4.5)
+DPI = 100
+COLORS = {"map": "tab:gray", "layer": "tab:blue", "group": "tab:orange", "all": "tab:green"}
+DELTA_LABEL = "Δ_ECE = ECE_MAP − ECE_S\n(test, absolute ECE)"
+
+
+def save(fig, path: Path) -> Path:
+    """Fixed size and resolution (no tight bbox, which would change the pixel size)."""
+    fig.set_size_inches(*FIGSIZE)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _kind_legend(ax, kinds, extra=()) -> None:
+    handles = [Patch(color=COLORS[k], label={"map": "MAP", "layer": "single block", "group": "group of blocks",
+                                            "all": "all blocks"}[k]) for k in kinds]
+    ax.legend(handles=[*handles, *extra], fontsize=8, loc="best")
+
+
+def delta_ece_ranked(ranked: pd.DataFrame, title: str, path: Path) -> Path:
+    """Bars of mean Δ_ECE per subset, largest first, with 95% CI whiskers; above 0 = better than MAP."""
+    fig, ax = plt.subplots()
+    x = range(len(ranked))
+    err = [ranked["delta_ece"] - ranked["delta_ece_low"], ranked["delta_ece_high"] - ranked["delta_ece"]]
+    ax.bar(x, ranked["delta_ece"], color=[COLORS[k] for k in ranked["kind"]], edgecolor="black", linewidth=0.5)
+    ax.errorbar(x, ranked["delta_ece"], yerr=err, fmt="none", ecolor="black", capsize=3, linewidth=1)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(list(x), ranked["subset"], rotation=45, ha="right")
+    ax.set(xlabel="layer subset S treated as Bayesian (ranked)", ylabel=DELTA_LABEL, title=title)
+    _kind_legend(ax, [k for k in ("layer", "group", "all") if k in set(ranked["kind"])])
+    return save(fig, path)
+
+
+def delta_ece_sequential(summary: pd.DataFrame, configs: list[str], path: Path) -> Path:
+    """Δ_ECE of each single block against its depth, one line (and 95% CI band) per configuration."""
+    fig, ax = plt.subplots()
+    for config in configs:
+        rows = summary[(summary["config"] == config) & (summary["kind"] == "layer")].sort_values("first_block")
+        n = int(rows["n_seeds"].max()) if len(rows) else 0
+        line, = ax.plot(rows["first_block"], rows["delta_ece"], marker="o",
+                        label=f"{config} ({n} seed{'s' * (n > 1)})")
+        ax.fill_between(rows["first_block"], rows["delta_ece_low"], rows["delta_ece_high"],
+                        color=line.get_color(), alpha=0.15)
+    ax.axhline(0, color="black", linewidth=0.8)
+    blocks = sorted(summary.loc[summary["kind"] == "layer", "first_block"].unique())
+    ax.set_xticks(blocks)
+    ax.set(xlabel="transformer block (0 = nearest the input)", ylabel=DELTA_LABEL,
+           title="Δ_ECE of each single block by depth (band: 95% CI)")
+    ax.legend(fontsize=8, loc="best", title="configuration", title_fontsize=8)
+    return save(fig, path)
+
+
+def ece_comparison(ranked: pd.DataFrame, title: str, path: Path) -> Path:
+    """Test ECE of the MAP, of each subset (blocks in depth order, then groups) and of all blocks;
+    whiskers: std over seeds."""
+    order = {"layer": 0, "group": 1, "all": 2}
+    rows = ranked.assign(_o=ranked["kind"].map(order)).sort_values(["_o", "first_block"], kind="stable")
+    names = ["MAP", *rows["subset"]]
+    values = [rows["map/test/ece"].iloc[0], *rows["test/ece"]]
+    std = [rows["map/test/ece_std"].iloc[0], *rows["test/ece_std"]]  # NaN (no whisker) for one seed
+    fig, ax = plt.subplots()
+    ax.bar(range(len(names)), values, yerr=np.nan_to_num(std), capsize=3,
+           color=[COLORS["map"], *(COLORS[k] for k in rows["kind"])], edgecolor="black", linewidth=0.5)
+    ax.axhline(values[0], color=COLORS["map"], linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set(xlabel="predictive (MAP, or Laplace on subset S)", ylabel="test ECE (absolute)", title=title)
+    _kind_legend(ax, ["map", *[k for k in ("layer", "group", "all") if k in set(rows["kind"])]])
+    return save(fig, path)
+
+
+def reliability_set(result: dict, best_layer: str | None, trial: str, out: Path) -> dict[str, Path]:
+    """Reliability diagrams of one trial's MAP, ``all`` and best single layer (test split)."""
+    paths = {"reliability_map": reliability_diagram(result["map"]["reliability"], f"MAP, trial {trial}",
+                                                    out / "reliability_map.png", result["map"]["test"]["ece"])}
+    for key, name in (("reliability_all", "all"), ("reliability_best_layer", best_layer)):
+        row = result["subsets"].get(name) if name else None
+        if row is not None:
+            paths[key] = reliability_diagram(row["reliability"], f"Laplace on {name}, trial {trial}",
+                                             out / f"{key}.png", row["test"]["ece"])
+    return paths

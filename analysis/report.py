@@ -1,0 +1,180 @@
+"""The report of a layer-wise sweep: tables, findings, figures and one HTML page, also logged to MLflow.
+
+python analysis/report.py SWEEP_OUTPUT_DIR [--report-dir DIR] [--no-mlflow]
+python analysis/report.py --tracking-uri URI --experiment NAME [--run-id ID] [--report-dir DIR] [--no-mlflow]
+
+Writes ``<output>/report/`` (see the README, "Reading the results"); works on a partial sweep
+(failed or running trials) and says what is missing. From Python: :func:`build_report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import aggregate, figures, findings, mlflow_io, optuna_views, page
+from analysis.collect import SEED, ReportError, SweepData, load_folder
+
+REPORT_DIR = "report"
+SUMMARY_TABLE, RANKING_TABLE, TRIALS_TABLE = "summary_table.csv", "subset_ranking.csv", "trials.csv"
+SUMMARY_JSON, HTML = "analysis_summary.json", "report.html"
+_FIRST = ["config", "subset", "kind", "blocks", "n_seeds", "seeds", "rank", "delta_ece", "delta_ece_std",
+          "delta_ece_low", "delta_ece_high", "ci_method", "test/accuracy", "test/nll", "test/brier",
+          "test/ece", "test/mce", "accuracy_drop"]
+_TRIAL_COLUMNS = ["optuna_trial", "trial_id", "status", SEED, "objective", "map/test/accuracy", "map/test/ece",
+                  "bayes/test/ece", "bayes/delta_ece", "best_subset", "prior_precision", "tuned_params_pct",
+                  "time_per_epoch_s", "laplace_fit_s", "laplace_eval_s", "wall_time_s", "has_results", "error"]
+
+
+def build_report(output_dir: str | Path, *, log_mlflow: bool = True, log=print) -> Path:
+    """Report on the sweep output folder ``output_dir`` into ``output_dir/report``; returns that folder.
+
+    Raises :class:`~analysis.collect.ReportError` when the folder is not a sweep or no trial has
+    results yet. A report that cannot be logged to MLflow is still written (the reason is printed).
+    """
+    data = load_folder(output_dir)
+    return write_report(data, data.output_dir / REPORT_DIR, log_mlflow=log_mlflow, log=log)
+
+
+def write_report(data: SweepData, report_dir: Path, *, log_mlflow: bool = True, log=print) -> Path:
+    """Every report file for ``data`` into ``report_dir`` (then to the MLflow parent run); returns it."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    for old in [*report_dir.glob("*.png"), *(report_dir / n for n in (SUMMARY_TABLE, RANKING_TABLE, TRIALS_TABLE,
+                                                                       SUMMARY_JSON, HTML))]:
+        old.unlink(missing_ok=True)  # a view not drawn this time must not survive from the last report
+    summary = aggregate.summary_table(aggregate.subset_frame(data), data.config_params, data.search.direction)
+    reference = aggregate.best_config(summary)
+    ranked = aggregate.ranking(summary, reference)
+    found = findings.findings(data, summary, reference)
+    images = _figures(data, summary, ranked, found, report_dir)
+    run_id = _mlflow_run(data, log) if log_mlflow else None
+    found.update(figures={n: p.name if isinstance(p, Path) else f"not drawn: {p}" for n, p in images.items()},
+                 notes=data.notes, mlflow={"parent_run_id": run_id, "artifact_path": mlflow_io.REPORT_ARTIFACTS}
+                 if run_id else None)
+    story = findings.narrative(found)
+    _columns(summary).to_csv(report_dir / SUMMARY_TABLE, index=False)
+    _columns(ranked).to_csv(report_dir / RANKING_TABLE, index=False)
+    trials = _trial_table(data)
+    trials.to_csv(report_dir / TRIALS_TABLE, index=False)
+    (report_dir / SUMMARY_JSON).write_text(json.dumps(found, indent=2, default=str))
+    (report_dir / HTML).write_text(page.render(
+        f"Layer-wise Laplace sweep {data.name!r}", story, _captioned(images, found), _html_tables(ranked, summary, trials),
+        _missing_lines(data)))
+    if run_id:
+        mlflow_io.log_report(data.tracking_uri, run_id, report_dir)
+        log(f"[report] logged to MLflow run {run_id} under {mlflow_io.REPORT_ARTIFACTS}/")
+    for line in story:
+        log(f"[report] {line}")
+    log(f"[report] {report_dir / HTML}")
+    return report_dir
+
+
+def _mlflow_run(data: SweepData, log) -> str | None:
+    try:
+        return mlflow_io.report_run(data)
+    except Exception as err:  # noqa: BLE001 -- the files are the report; MLflow is a copy of them
+        log(f"[report] not logged to MLflow: {err}")
+        data.notes.append(f"not logged to MLflow: {err}")
+        return None
+
+
+def _figures(data: SweepData, summary: pd.DataFrame, ranked: pd.DataFrame, found: dict, out: Path) -> dict:
+    ref = found["reference_config"]
+    title = f"{ref['config']} ({ref['n_seeds']} seed{'s' * (ref['n_seeds'] > 1)})"
+    images = {
+        "delta_ece_ranked": figures.delta_ece_ranked(ranked, f"Δ_ECE by layer subset, {title}",
+                                                     out / "delta_ece_ranked.png"),
+        "delta_ece_sequential": figures.delta_ece_sequential(
+            summary, aggregate.line_configs(summary, data.config_params), out / "delta_ece_sequential.png"),
+        "ece_comparison": figures.ece_comparison(ranked, f"Test ECE: MAP vs Laplace on each subset, {title}",
+                                                 out / "ece_comparison.png"),
+    }
+    trial = ref["trial_ids"][0]  # the reference configuration's first seed
+    best_layer = (found["best_single_layer"] or {}).get("subset")
+    images.update(figures.reliability_set(data.results[trial], best_layer, trial, out))
+    images.update(optuna_views.optuna_figures(data.study, data.search.metric, out))
+    return images
+
+
+def _captioned(images: dict, found: dict) -> list[tuple[str, Path | str, str]]:
+    ref, ci = found["reference_config"]["config"], (found["best_single_layer"] or {}).get("ci_method", "")
+    captions = {
+        "delta_ece_ranked": f"Δ_ECE of every layer subset in {ref}, largest first; whiskers: 95% CI ({ci}). "
+                            "Above 0: the restricted posterior is better calibrated than the MAP.",
+        "delta_ece_sequential": "Δ_ECE of each single block against its depth, one line per searched setting "
+                                "other than λ (at its best λ); band: 95% CI.",
+        "ece_comparison": f"Test ECE of the MAP (dashed line) and of Laplace on each subset in {ref}; "
+                          "whiskers: std over seeds.",
+        "reliability_map": "Reliability diagram of the MAP (test).",
+        "reliability_all": "Reliability diagram with every block Bayesian (test).",
+        "reliability_best_layer": "Reliability diagram with only the best single block Bayesian (test).",
+        "optuna_history": "Objective of each Optuna trial (validation split) and the best so far.",
+        "optuna_importances": "fANOVA importance of each searched setting for the objective.",
+        "optuna_contour": "Objective interpolated over prior precision λ × LoRA rank.",
+    }
+    return [(name, image, captions.get(name, name)) for name, image in images.items()]
+
+
+def _columns(table: pd.DataFrame) -> pd.DataFrame:
+    first = [c for c in _FIRST if c in table]
+    return table[first + [c for c in table if c not in first]]
+
+
+def _trial_table(data: SweepData) -> pd.DataFrame:
+    trials = data.trials.assign(has_results=data.trials["trial_id"].isin(data.results))
+    trials = trials.rename(columns={"delta_ece": "bayes/delta_ece"})  # the trial's own: subset 'all'
+    cols = ["optuna_trial", "trial_id", "status", *data.config_params, *_TRIAL_COLUMNS[3:]]
+    return trials[[c for c in dict.fromkeys(cols) if c in trials]]
+
+
+def _html_tables(ranked: pd.DataFrame, summary: pd.DataFrame, trials: pd.DataFrame) -> list:
+    metrics = ["delta_ece", "test/accuracy", "test/nll", "test/brier", "test/ece", "test/mce"]
+    show = ["subset", "kind", "blocks", "n_seeds", *metrics, "delta_ece_low", "delta_ece_high", "accuracy_drop"]
+    per_config = page.mean_std(summary, metrics)[["config", *show]]
+    return [(f"Subsets ranked by Δ_ECE in {ranked['config'].iloc[0]} (mean ± std over seeds)",
+             page.mean_std(ranked, metrics)[show]),
+            ("Trials", trials), ("Every configuration and subset", per_config)]
+
+
+def _missing_lines(data: SweepData) -> list[str]:
+    lines = [f"trial #{r.optuna_trial} ({r.trial_id}): {r.status}, no layer-wise results"
+             + (f" ({r.error})" if isinstance(r.error, str) and r.error else "")
+             for r in data.missing().itertuples()]
+    if data.not_started:
+        lines.append(f"{data.not_started} of {data.search.num_samples} planned trials not started")
+    return lines + data.notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python analysis/report.py", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep", nargs="?", type=Path, help="the sweep's output folder (--output of the sweep)")
+    parser.add_argument("--tracking-uri", help="read the sweep from this MLflow tracking URI instead")
+    parser.add_argument("--experiment", help="the MLflow experiment (with --tracking-uri)")
+    parser.add_argument("--run-id", help="the sweep's parent run (default: the experiment's newest sweep)")
+    parser.add_argument("--report-dir", type=Path, help="where to write (default: <sweep output>/report)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log the report to the parent run")
+    args = parser.parse_args(argv)
+    if (args.sweep is None) == (args.tracking_uri is None) or bool(args.tracking_uri) != bool(args.experiment):
+        parser.error("give a sweep output folder, or --tracking-uri URI --experiment NAME (not both)")
+    try:
+        data = (load_folder(args.sweep) if args.sweep is not None
+                else mlflow_io.load_mlflow(args.tracking_uri, args.experiment, args.run_id))
+        write_report(data, args.report_dir or _default_dir(data), log_mlflow=not args.no_mlflow)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _default_dir(data: SweepData) -> Path:
+    if data.output_dir is not None and data.output_dir.is_dir():
+        return data.output_dir / REPORT_DIR
+    return Path.cwd() / f"{REPORT_DIR}-{data.name}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
