@@ -95,10 +95,10 @@ def test_bundles_fit_the_subset_tasks_exactly():
     never need the trial's own bundle, so k tasks run in k child bundles and nothing waits forever."""
     cfg = load_sweep_config(CONFIGS / "vit_b16_cifar100.yaml")
     own, *children = cfg.resources.bundles()
-    assert own == {"CPU": 4, "GPU": 1} and len(children) == cfg.resources.eval_tasks == 4
+    assert own == {"CPU": 4, "GPU": 0.5} and len(children) == cfg.resources.eval_tasks == 4
     task = cfg.resources.task_resources()
     assert all(b == {"CPU": task["num_cpus"], "GPU": task["num_gpus"]} for b in children)
-    assert cfg.resources.per_trial() == {"CPU": 8, "GPU": 2}
+    assert cfg.resources.per_trial() == {"CPU": 8, "GPU": 1}  # one GPU, shared by fit and subset tasks
     local = load_sweep_config(CONFIGS / "default.yaml")
     assert local.resources.bundles() == [{"CPU": 1}]  # subsets in-process: no child bundles
 
@@ -110,6 +110,7 @@ def test_concurrency_follows_the_cluster():
     assert max_concurrent(load_sweep_config(CONFIGS / "default.yaml", ["resources.max_concurrent=1"]),
                           {"CPU": 2.0}) == 1
     vit = load_sweep_config(CONFIGS / "vit_b16_cifar100.yaml")
-    assert max_concurrent(vit, {"CPU": 64.0, "GPU": 8.0}) == 4
-    with pytest.raises(ConfigError, match=r"one trial needs 8 CPUs and 2 GPUs .* has 2 CPUs and 0 GPUs"):
+    assert max_concurrent(vit, {"CPU": 64.0, "GPU": 8.0}) == 8
+    assert max_concurrent(vit, {"CPU": 64.0, "GPU": 3.0}) == 3
+    with pytest.raises(ConfigError, match=r"one trial needs 8 CPUs and 1 GPUs .* has 2 CPUs and 0 GPUs"):
         max_concurrent(vit, {"CPU": 2.0})
