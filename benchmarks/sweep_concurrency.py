@@ -41,7 +41,7 @@ def fixed_points(cfg: SweepConfig, n: int) -> list[dict]:
     return points
 
 
-def variants(base: SweepConfig, cpus: int, threaded: bool) -> dict[str, list[str]]:
+def variants(cpus: int, threaded: bool) -> dict[str, list[str]]:
     out = {"concurrent": [], "sequential": ["resources.max_concurrent=1"]}
     if threaded:
         out["threaded"] = ["resources.max_concurrent=1", f"resources.cpus_per_trial={cpus}"]
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     root = args.output or Path(tempfile.mkdtemp(prefix="sweep_concurrency-"))
     walls: dict[str, tuple[float, int, int]] = {}
     try:
-        for name, extra in variants(base, cpus, args.threaded).items():
+        for name, extra in variants(cpus, args.threaded).items():
             cfg = resolve(load_sweep_config(args.config, [
                 *args.overrides, point_override, f"search.num_samples={args.trials}", *extra,
                 f"output_dir={root / name}"]))
@@ -82,10 +82,12 @@ def main(argv: list[str] | None = None) -> None:
           f"max_train={t.data.max_train}, epochs={t.train.epochs}, fit_examples={t.laplace.fit_examples}, "
           f"n_samples={t.laplace.n_samples}, val/test={t.data.max_val}/{t.data.max_test}) on {cpus} CPUs")
     print(f"points: {points}")
-    print(f"{'variant':<12} {'threads/trial':>13} {'trials ok':>9} {'wall s':>8} {'s/trial':>8} {'speed-up':>9}")
+    print(f"{'variant':<12} {'threads/trial':>13} {'trials ok':>9} {'wall s':>8} {'s/trial':>8} "
+          f"{'speed-up':>9}")
     sequential = walls["sequential"][0]
     for name, (wall, ok, threads) in walls.items():
-        print(f"{name:<12} {threads:>13} {ok:>9} {wall:>8.1f} {wall / args.trials:>8.1f} {sequential / wall:>8.2f}x")
+        print(f"{name:<12} {threads:>13} {ok:>9} {wall:>8.1f} {wall / args.trials:>8.1f} "
+              f"{sequential / wall:>8.2f}x")
     print(f"ratio sequential / concurrent = {sequential / walls['concurrent'][0]:.2f} (target >= 1.6)")
 
 

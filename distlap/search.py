@@ -73,7 +73,8 @@ class StudySearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         old_ray_id = ot_trial.user_attrs.get("ray_trial_id")
         ot_trial.set_user_attr("ray_trial_id", trial_id)
-        run_id = ot_trial.user_attrs.get(RUN_ID_KEY) or (old_ray_id and self._tracker.find_trial_run(old_ray_id))
+        run_id = (ot_trial.user_attrs.get(RUN_ID_KEY)
+                  or (old_ray_id and self._tracker.find_trial_run(old_ray_id)))
         if run_id:
             self._tracker.adopt(run_id, trial_id)
         else:

@@ -58,7 +58,8 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, log=print) -> pd.DataFr
         tracker = SweepTracker.open(
             cfg.tracking.uri, cfg.tracking.experiment, cfg.search.study_name, run_name=cfg.name,
             artifact_location=str(cfg.out / "mlartifacts") if cfg.tracking.uri.startswith("sqlite") else None,
-            params=flatten(cfg.model_dump(mode="json", exclude={"trial"})), tags=provenance_tags(provenance()))
+            params=flatten(cfg.model_dump(mode="json", exclude={"trial"})),
+            tags=provenance_tags(provenance()))
         # Trials report once after fine-tuning (the checkpoint) without the objective, which only
         # exists after the Laplace stage; Tune would otherwise reject that report.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -66,8 +67,8 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, log=print) -> pd.DataFr
         summary = summarize(cfg)
         summary.to_csv(cfg.out / SUMMARY_FILE, index=False)
         done = len(summary) == cfg.search.num_samples and (summary.status != "unfinished").all()
-        tracker.finish(metrics=_sweep_metrics(cfg, summary), artifacts=[cfg.out / SUMMARY_FILE, cfg.out / CONFIG_FILE],
-                       status="FINISHED" if done else "KILLED")
+        tracker.finish(metrics=_sweep_metrics(cfg, summary), status="FINISHED" if done else "KILLED",
+                       artifacts=[cfg.out / SUMMARY_FILE, cfg.out / CONFIG_FILE])
         _print_summary(cfg, summary, done, log)
         return summary
     finally:
@@ -172,7 +173,8 @@ def summarize(cfg: SweepConfig) -> pd.DataFrame:
         ray_id = t.user_attrs.get("ray_trial_id")
         result_file = cfg.out / "trials" / str(ray_id) / RESULT_FILE
         metrics = json.loads(result_file.read_text())["metrics"] if result_file.is_file() else {}
-        rows.append({"optuna_trial": t.number, "trial_id": ray_id, "status": _STATUS.get(t.state, "unfinished"),
+        rows.append({"optuna_trial": t.number, "trial_id": ray_id,
+                     "status": _STATUS.get(t.state, "unfinished"),
                      **t.params, "objective": t.value, **{m: metrics.get(m) for m in SUMMARY_METRICS},
                      "mlflow_run_id": t.user_attrs.get(RUN_ID_KEY), "error": t.user_attrs.get("error")})
     return pd.DataFrame(rows)
@@ -197,5 +199,5 @@ def _print_summary(cfg: SweepConfig, summary: pd.DataFrame, done: bool, log) -> 
     log(f"[sweep] mlflow ui --backend-store-uri {cfg.tracking.uri}")
     log(f"[sweep] optuna trials --storage {cfg.search.storage} --study-name {cfg.search.study_name}")
     if not done:
-        log(f"[sweep] interrupted after {len(summary)} of {cfg.search.num_samples} trials started; continue with "
-            f"python sweeps/layerwise.py --resume --output {cfg.out}")
+        log(f"[sweep] interrupted after {len(summary)} of {cfg.search.num_samples} trials started; "
+            f"continue with: python sweeps/layerwise.py --resume --output {cfg.out}")

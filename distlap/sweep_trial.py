@@ -114,8 +114,9 @@ def restore_fine_tuned(cfg: TrialConfig, path: Path) -> FineTuned:
     set_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
     splits = load_splits(cfg.data, seed=cfg.seed)
-    backbone, transform = load_backbone(cfg.backbone.name, splits.num_classes, cache_dir=cfg.backbone.cache_dir,
-                                        seed=cfg.seed, data_path=cfg.data.path)
+    backbone, transform = load_backbone(cfg.backbone.name, splits.num_classes,
+                                        cache_dir=cfg.backbone.cache_dir, seed=cfg.seed,
+                                        data_path=cfg.data.path)
     peft_model = PeftModel.from_pretrained(backbone, path / ADAPTER_DIR, is_trainable=True)
     history = json.loads((path / HISTORY_FILE).read_text())
     return FineTuned(cfg, LogitsModel(peft_model).to(device), transform, splits,

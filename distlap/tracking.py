@@ -89,7 +89,8 @@ def _find_or_create(client: _Client, experiment_id: str, key_tags: dict[str, str
     run_id = _find_run(client, experiment_id, key_tags)
     if run_id is not None:
         return run_id, False
-    return client.create_run(experiment_id, tags={**key_tags, **(tags or {})}, run_name=run_name).info.run_id, True
+    run = client.create_run(experiment_id, tags={**key_tags, **(tags or {})}, run_name=run_name)
+    return run.info.run_id, True
 
 
 def _log(client: _Client, run_id: str, *, metrics: dict[str, Any] | None = None, step: int = 0,
@@ -224,7 +225,7 @@ class TrialRun:
 
 
 def subset_metrics(row: dict) -> dict[str, float]:
-    """A subset's JSON row -> ``val/ece``, ``test/nll``, ``delta_ece`` (+ ``_low`` / ``_high``), ``time_s``."""
+    """A subset's JSON row -> ``val/ece``, ``test/nll``, ..., ``delta_ece`` (and its CI), ``time_s``."""
     out = {f"{split}/{k}": v for split in ("val", "test") for k, v in row[split].items()}
     ci = row["delta_ece"]
     out.update({"delta_ece": ci["estimate"], "delta_ece_low": ci["low"], "delta_ece_high": ci["high"]})

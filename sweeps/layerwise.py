@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python sweeps/layerwise.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="sweep YAML (default: sweeps/configs/default.yaml)")
     parser.add_argument("--output", type=Path, help="output folder (default: runs/<name>-<timestamp>)")
-    parser.add_argument("--address", help="Ray cluster to join: ray://HOST:10001 or auto (default: local Ray)")
+    parser.add_argument("--address", help="Ray cluster: ray://HOST:10001 or auto (default: a local Ray)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --output")
-    parser.add_argument("--smoke-test", action="store_true", help="the minute-sized sweeps/configs/smoke.yaml")
+    parser.add_argument("--smoke-test", action="store_true", help="run sweeps/configs/smoke.yaml (~1 min)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="e.g. search.num_samples=8 trial.train.epochs=1 resources.cpus_per_trial=2")
     args = parser.parse_args(argv)

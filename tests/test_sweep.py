@@ -45,7 +45,8 @@ def test_restored_checkpoint_is_the_fine_tuned_model(fake_fmnist_dir, tiny_vit_d
     save_fine_tuned(ft, tmp_path)
     back = restore_fine_tuned(cfg, tmp_path)
     loader = ft.loader("test")
-    assert torch.allclose(predict(ft.model, loader, ft.device)[0], predict(back.model, loader, back.device)[0])
+    assert torch.allclose(predict(ft.model, loader, ft.device)[0],
+                          predict(back.model, loader, back.device)[0])
     assert back.tuned == ft.tuned and back.train.history == ft.train.history
     trainable = lambda m: sorted(n for n, p in m.named_parameters() if p.requires_grad)  # noqa: E731
     assert trainable(back.model) == trainable(ft.model)  # what Laplace will see
@@ -53,7 +54,8 @@ def test_restored_checkpoint_is_the_fine_tuned_model(fake_fmnist_dir, tiny_vit_d
 
 def test_trial_metrics_vocabulary():
     split = {"accuracy": 0.8, "ece": 0.05, "mce": 0.2, "nll": 0.6, "brier": 0.3}
-    row = lambda d: {"val": split, "test": split, "delta_ece": {"estimate": d, "low": d - 1, "high": d + 1}}  # noqa: E731
+    def row(d: float) -> dict:
+        return {"val": split, "test": split, "delta_ece": {"estimate": d, "low": d - 1, "high": d + 1}}
     result = {"map": {"val": split, "test": split}, "prior_precision": 3.0,
               "subsets": {"layer_0": row(0.02), "all": row(0.01)}, "timing": {"fit_s": 1.0, "eval_s": 2.0}}
 
@@ -63,7 +65,8 @@ def test_trial_metrics_vocabulary():
     m = trial_metrics(FT(), result, wall_time_s=9.0)
     assert m["bayes/val/nll"] == 0.6 and m["map/test/ece"] == 0.05
     assert (m["delta_ece"], m["best_subset"], m["prior_precision"]) == (0.01, "layer_0", 3.0)
-    assert {"tuned_params_pct", "time_per_epoch_s", "laplace_fit_s", "laplace_eval_s", "wall_time_s"} <= set(m)
+    assert {"tuned_params_pct", "time_per_epoch_s", "laplace_fit_s", "laplace_eval_s",
+            "wall_time_s"} <= set(m)
 
 
 def test_study_search_tags_trials_and_adopts_orphans(tmp_path):
@@ -158,7 +161,8 @@ def _check_tree(out: Path, n_trials: int, n_subsets: int) -> pd.DataFrame:
             assert (out / "trials" / t.user_attrs["ray_trial_id"] / "layer_wise_results.json").is_file()
     summary = pd.read_csv(out / "summary.csv")
     assert len(summary) == n_trials
-    assert {"config.yaml", "mlflow.db", "optuna.db", "ray_results", "trials"} <= {p.name for p in out.iterdir()}
+    files = {p.name for p in out.iterdir()}
+    assert {"config.yaml", "mlflow.db", "optuna.db", "ray_results", "trials", "summary.csv"} <= files
     return summary
 
 

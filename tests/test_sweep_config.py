@@ -26,8 +26,9 @@ def test_shipped_configs_load():
 
 
 def test_space_overrides_nest_merge_and_remove():
-    cfg = load_sweep_config(CONFIGS / "default.yaml", ["search.space.peft.rank.values=[4, 8]",
-                                                        "search.space.train.lr={kind: loguniform, low: 1e-4, high: 1e-2}"])
+    cfg = load_sweep_config(CONFIGS / "default.yaml", [
+        "search.space.peft.rank.values=[4, 8]",
+        "search.space.train.lr={kind: loguniform, low: 1e-4, high: 1e-2}"])
     assert cfg.search.space["peft.rank"].values == [4, 8]
     assert cfg.search.space["train.prior_precision"].kind == "loguniform"  # kept from the file
     assert cfg.search.space["train.lr"].low == 1e-4
@@ -43,7 +44,8 @@ def test_trial_config_applies_searched_params():
 
 
 @pytest.mark.parametrize("override, match", [
-    ("search.space.peft.rank.values=[0, 4]", r"search\.space\.peft\.rank: value 0 .*peft\.rank: .*greater than 0"),
+    ("search.space.peft.rank.values=[0, 4]",
+     r"search\.space\.peft\.rank: value 0 .*peft\.rank: .*greater than 0"),
     ("search.space.peft.rnak={kind: choice, values: [2]}", r"search\.space\.peft\.rnak: .*unknown setting"),
     ("search.space.train.prior_precision.low=0", r"search\.space\.train\.prior_precision: .*low > 0"),
     ("search.space.train.prior_precision.kind=choice", r"kind=choice needs a non-empty `values`"),

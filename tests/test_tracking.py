@@ -111,7 +111,8 @@ def _trial_process(uri: str, run_id: str, n_subsets: int) -> None:
 def test_concurrent_writers_lose_nothing(tracker):
     """Four trial processes write one SQLite file at once (plus this driver): every write lands."""
     n_trials, n_subsets = 4, 12
-    run_ids = [tracker.trial_run(f"t_{i}", run_name=f"trial-{i:03d}", params={"i": i}) for i in range(n_trials)]
+    run_ids = [tracker.trial_run(f"t_{i}", run_name=f"trial-{i:03d}", params={"i": i})
+               for i in range(n_trials)]
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_trial_process, args=(tracker.uri, r, n_subsets)) for r in run_ids]
     for p in procs:
