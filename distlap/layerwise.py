@@ -98,8 +98,9 @@ def run_layerwise(ft, *, log=print, parallel: bool | None = None,
     cfg, la = ft.cfg, ft.cfg.laplace
     model, device = ft.model, ft.device
     val_loader, test_loader = (ft.loader(s, batch_size=la.eval_batch_size) for s in ("val", "test"))
-    ref = Reference(*predict(model, val_loader, device)[:1], *predict(model, test_loader, device)[:1],
-                    ft.splits.val.tensors[1], ft.splits.test.tensors[1])
+    val_probs, val_labels = predict(model, val_loader, device)      # the MAP reference
+    test_probs, test_labels = predict(model, test_loader, device)
+    ref = Reference(val_probs, test_probs, val_labels, test_labels)
     subsets = layer_subsets(num_blocks(model), la.subsets)
     kw = dict(n_bins=cfg.n_bins, n_bootstrap=la.n_bootstrap, seed=cfg.seed)
 
