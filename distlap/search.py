@@ -94,6 +94,7 @@ class StudySearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot_trial = self._ot_trials.get(trial_id)
         if error and ot_trial is not None and trial_id not in self._completed_trials:
-            message = self._tracker.error_message(ot_trial.user_attrs[RUN_ID_KEY])
+            run_id = ot_trial.user_attrs.get(RUN_ID_KEY)
+            message = run_id and self._tracker.error_message(run_id)
             ot_trial.set_user_attr("error", message or "the trial's worker died; see the Ray error file")
         super().on_trial_complete(trial_id, result=result, error=error)

@@ -85,6 +85,9 @@ def _fine_tuned(cfg: TrialConfig, run: TrialRun, log) -> FineTuned:
     log("stage: fine-tuning")
     ft = fine_tune(cfg, log=log)
     if ft.train.status != "ok":
+        write_trial(ft, {"status": ft.train.status, "message": ft.train.message, "metrics": {},
+                         "history": ft.train.history, "config": cfg.model_dump(mode="json"),
+                         "provenance": provenance()}, Path(cfg.output_dir))
         raise TrialFailed(ft.train.message)
     run.log_history(ft.train.history)
     with tempfile.TemporaryDirectory() as path:

@@ -3,6 +3,7 @@
 
 import collections
 import importlib.util
+import json
 import re
 import signal
 import subprocess
@@ -203,6 +204,7 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert (proc.stdout + proc.stderr).count(f"[{failed_id}] stage: fine-tuning") == 2  # one retry
     run = MlflowClient(load_sweep_config(out / "config.yaml").tracking.uri).get_run(summary.mlflow_run_id[0])
     assert run.info.status == "FAILED" and "non-finite training loss" in run.data.tags["error"]
+    assert json.loads((out / "trials" / failed_id / "trial_result.json").read_text())["status"] == "failed"
 
 
 @pytest.mark.slow
