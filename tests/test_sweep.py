@@ -190,9 +190,11 @@ def test_smoke_sweep_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     """lr=1e30 makes the loss non-finite: that trial is retried once (max_failures=1), then ends FAILED
-    in MLflow (with the message) and FAIL in Optuna; the other trial completes."""
+    in MLflow (with the message) and FAIL in Optuna; the other trial completes, evaluating its subsets
+    as Ray tasks in its child bundle (2 CPUs per trial on this 2-CPU Ray: any task escaping the trial's
+    placement group would wait forever)."""
     out = tmp_path / "fail"
-    proc = _sweep("--smoke-test", "--output", str(out), "max_failures=1",
+    proc = _sweep("--smoke-test", "--output", str(out), "max_failures=1", "resources.eval_tasks=1",
                   "search.space.train.lr={kind: choice, values: [0.002, 1.0e30]}",
                   "search.points_to_evaluate=[{train.lr: 1.0e30, train.prior_precision: 10.0, peft.rank: 2},"
                   " {train.lr: 0.002, train.prior_precision: 10.0, peft.rank: 2}]")
@@ -202,6 +204,7 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert "non-finite training loss" in summary.error[0]
     failed_id = summary.trial_id[0]
     assert (proc.stdout + proc.stderr).count(f"[{failed_id}] stage: fine-tuning") == 2  # one retry
+    assert re.search(rf"\[{summary.trial_id[1]}\] .*as Ray tasks", proc.stdout + proc.stderr)  # the engine's line
     run = MlflowClient(load_sweep_config(out / "config.yaml").tracking.uri).get_run(summary.mlflow_run_id[0])
     assert run.info.status == "FAILED" and "non-finite training loss" in run.data.tags["error"]
     assert json.loads((out / "trials" / failed_id / "trial_result.json").read_text())["status"] == "failed"
