@@ -204,7 +204,8 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert "non-finite training loss" in summary.error[0]
     failed_id = summary.trial_id[0]
     assert (proc.stdout + proc.stderr).count(f"[{failed_id}] stage: fine-tuning") == 2  # one retry
-    assert re.search(rf"\[{summary.trial_id[1]}\] .*as Ray tasks", proc.stdout + proc.stderr)  # the engine's line
+    # the layer-wise engine's own line about Ray tasks
+    assert re.search(rf"\[{summary.trial_id[1]}\] .*as Ray tasks", proc.stdout + proc.stderr)
     run = MlflowClient(load_sweep_config(out / "config.yaml").tracking.uri).get_run(summary.mlflow_run_id[0])
     assert run.info.status == "FAILED" and "non-finite training loss" in run.data.tags["error"]
     assert json.loads((out / "trials" / failed_id / "trial_result.json").read_text())["status"] == "failed"
