@@ -177,7 +177,9 @@ def summarize(cfg: SweepConfig) -> pd.DataFrame:
                      "status": _STATUS.get(t.state, "unfinished"),
                      **t.params, "objective": t.value, **{m: metrics.get(m) for m in SUMMARY_METRICS},
                      "mlflow_run_id": t.user_attrs.get(RUN_ID_KEY), "error": t.user_attrs.get("error")})
-    return pd.DataFrame(rows)
+    columns = ["optuna_trial", "trial_id", "status", *cfg.search.space, "objective", *SUMMARY_METRICS,
+               "mlflow_run_id", "error"]
+    return pd.DataFrame(rows, columns=columns)  # the same columns when interrupted before any trial
 
 
 def _sweep_metrics(cfg: SweepConfig, summary: pd.DataFrame) -> dict[str, float]:

@@ -4,6 +4,8 @@ python sweeps/layerwise.py [--config sweeps/configs/NAME.yaml] [key=value ...] [
                            [--address ray://HOST:10001 | auto] [--resume] [--smoke-test]
 
 With no arguments: sweeps/configs/default.yaml on a local Ray (tiny ViT, Fashion-MNIST classes 5-9).
+Exit codes: 0 done (failed trials are recorded, not fatal), 1 every trial failed, 2 bad input or
+unreachable cluster, 130 interrupted (continue with --resume --output DIR).
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SweepError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0 if len(summary) == cfg.search.num_samples and (summary.status != "unfinished").all() else 130
+    if len(summary) < cfg.search.num_samples or (summary.status == "unfinished").any():
+        return 130  # interrupted: --resume continues it
+    return 0 if (summary.status == "ok").any() else 1
 
 
 if __name__ == "__main__":
