@@ -36,7 +36,7 @@ def subset_kind(name: str, blocks: list[int]) -> str:
 def config_label(params: dict) -> str:
     """``{"peft.rank": 4, "train.prior_precision": 43.1}`` -> ``"r=4, λ=43.1"``."""
     def value(v) -> str:
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
     return ", ".join(f"{_SHORT.get(k, k.rsplit('.', 1)[-1])}={value(v)}" for k, v in params.items()) or "base"
 
 
@@ -65,9 +65,9 @@ def summary_table(subsets: pd.DataFrame, config_params: list[str], direction: st
     subsets by ``rank`` (1 = largest mean Δ_ECE) within each."""
     keys = ["config", *config_params, "subset"]
     groups = subsets.groupby(keys, sort=False, dropna=False)
-    table = groups.agg(kind=("kind", "first"), blocks=("blocks", "first"), first_block=("first_block", "first"),
-                       n_seeds=("trial_id", "size"), seeds=(SEED, list), trial_ids=("trial_id", list),
-                       prior_precision=("prior_precision", "mean"))
+    table = groups.agg(kind=("kind", "first"), blocks=("blocks", "first"),
+                       first_block=("first_block", "first"), n_seeds=("trial_id", "size"), seeds=(SEED, list),
+                       trial_ids=("trial_id", list), prior_precision=("prior_precision", "mean"))
     present = [m for m in AGGREGATED if m in subsets and subsets[m].notna().any()]
     means = groups[present].mean()
     stds = groups[present].std(ddof=1).add_suffix("_std")

@@ -26,6 +26,7 @@ from distlap.sweep_config import SearchConfig, SweepConfig, load_sweep_config
 from distlap.trial import RESULT_FILE
 
 SEED = "seed"   # the trial setting that makes repeats of one configuration
+TRIAL_KEYS = ("optuna_trial", "trial_id", "status", SEED, "objective", "mlflow_run_id", "error")
 
 
 class ReportError(RuntimeError):
@@ -89,8 +90,8 @@ def check_has_results(data: SweepData) -> SweepData:
     if not data.results:
         states = data.trials.status.value_counts().to_dict() if len(data.trials) else {}
         raise ReportError(f"no trial of sweep {data.name!r} ({data.source}) has layer-wise results yet "
-                          f"({data.search.num_samples} planned, {len(data.trials)} started: {states or 'none'}); "
-                          "run the report again once a trial has finished")
+                          f"({data.search.num_samples} planned, {len(data.trials)} started: "
+                          f"{states or 'none'}); run the report again once a trial has finished")
     return data
 
 
@@ -123,8 +124,9 @@ def _local_sqlite(url: str | None, out: Path) -> str | None:
 def open_study(search: SearchConfig) -> optuna.Study:
     """The sweep's Optuna study, never creating an empty SQLite file for a missing one."""
     storage = search.storage or ""
-    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
-        raise ReportError(f"the sweep's Optuna study is missing: no file {storage.removeprefix('sqlite:///')}")
+    file = Path(storage.removeprefix("sqlite:///"))
+    if storage.startswith("sqlite:///") and not file.is_file():
+        raise ReportError(f"the sweep's Optuna study is missing: no file {file}")
     try:
         return load_study(search)
     except Exception as err:  # KeyError (no such study), SQLAlchemy errors (unreachable database)
@@ -139,7 +141,13 @@ def _with_trial_files(trials: pd.DataFrame, trials_dir: Path, cfg: SweepConfig) 
         result = read_json(trials_dir / str(row["trial_id"]) / RESULT_FILE) or {}
         seed = row.get(SEED, (result.get("config") or {}).get(SEED, cfg.trial.seed))
         rows.append({**row, SEED: seed, **result.get("metrics", {})})
-    return pd.DataFrame(rows)
+    return trial_frame(rows)
+
+
+def trial_frame(rows: list[dict]) -> pd.DataFrame:
+    """:class:`SweepData`'s ``trials`` table; it has the key columns even before any trial started."""
+    frame = pd.DataFrame(rows)
+    return frame.reindex(columns=[*TRIAL_KEYS, *(c for c in frame.columns if c not in TRIAL_KEYS)])
 
 
 def read_json(path: Path) -> dict | None:

@@ -18,11 +18,13 @@ from matplotlib.patches import Patch  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from analysis.aggregate import KINDS  # noqa: E402
 from distlap.plots import reliability_diagram  # noqa: E402
 
 FIGSIZE = (8.0, 4.5)
 DPI = 100
 COLORS = {"map": "tab:gray", "layer": "tab:blue", "group": "tab:orange", "all": "tab:green"}
+KIND_NAMES = {"map": "MAP", "layer": "single block", "group": "group of blocks", "all": "all blocks"}
 DELTA_LABEL = "Δ_ECE = ECE_MAP − ECE_S\n(test, absolute ECE)"
 
 
@@ -36,10 +38,10 @@ def save(fig, path: Path) -> Path:
     return path
 
 
-def _kind_legend(ax, kinds, extra=()) -> None:
-    handles = [Patch(color=COLORS[k], label={"map": "MAP", "layer": "single block", "group": "group of blocks",
-                                            "all": "all blocks"}[k]) for k in kinds]
-    ax.legend(handles=[*handles, *extra], fontsize=8, loc="best")
+def _kind_legend(ax, kinds: pd.Series, *, with_map: bool = False) -> None:
+    """One colour patch per kind of subset drawn (MAP first if drawn), in ``KINDS`` order."""
+    shown = (["map"] if with_map else []) + [k for k in KINDS if k in set(kinds)]
+    ax.legend(handles=[Patch(color=COLORS[k], label=KIND_NAMES[k]) for k in shown], fontsize=8, loc="best")
 
 
 def delta_ece_ranked(ranked: pd.DataFrame, title: str, path: Path) -> Path:
@@ -47,12 +49,13 @@ def delta_ece_ranked(ranked: pd.DataFrame, title: str, path: Path) -> Path:
     fig, ax = plt.subplots()
     x = range(len(ranked))
     err = [ranked["delta_ece"] - ranked["delta_ece_low"], ranked["delta_ece_high"] - ranked["delta_ece"]]
-    ax.bar(x, ranked["delta_ece"], color=[COLORS[k] for k in ranked["kind"]], edgecolor="black", linewidth=0.5)
+    ax.bar(x, ranked["delta_ece"], color=[COLORS[k] for k in ranked["kind"]], edgecolor="black",
+           linewidth=0.5)
     ax.errorbar(x, ranked["delta_ece"], yerr=err, fmt="none", ecolor="black", capsize=3, linewidth=1)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(list(x), ranked["subset"], rotation=45, ha="right")
     ax.set(xlabel="layer subset S treated as Bayesian (ranked)", ylabel=DELTA_LABEL, title=title)
-    _kind_legend(ax, [k for k in ("layer", "group", "all") if k in set(ranked["kind"])])
+    _kind_legend(ax, ranked["kind"])
     return save(fig, path)
 
 
@@ -60,7 +63,8 @@ def delta_ece_sequential(summary: pd.DataFrame, configs: list[str], path: Path) 
     """Δ_ECE of each single block against its depth, one line (and 95% CI band) per configuration."""
     fig, ax = plt.subplots()
     for config in configs:
-        rows = summary[(summary["config"] == config) & (summary["kind"] == "layer")].sort_values("first_block")
+        rows = summary[(summary["config"] == config) & (summary["kind"] == "layer")]
+        rows = rows.sort_values("first_block")
         n = int(rows["n_seeds"].max()) if len(rows) else 0
         line, = ax.plot(rows["first_block"], rows["delta_ece"], marker="o",
                         label=f"{config} ({n} seed{'s' * (n > 1)})")
@@ -78,8 +82,7 @@ def delta_ece_sequential(summary: pd.DataFrame, configs: list[str], path: Path) 
 def ece_comparison(ranked: pd.DataFrame, title: str, path: Path) -> Path:
     """Test ECE of the MAP, of each subset (blocks in depth order, then groups) and of all blocks;
     whiskers: std over seeds."""
-    order = {"layer": 0, "group": 1, "all": 2}
-    rows = ranked.assign(_o=ranked["kind"].map(order)).sort_values(["_o", "first_block"], kind="stable")
+    rows = ranked.assign(_o=ranked["kind"].map(KINDS.index)).sort_values(["_o", "first_block"], kind="stable")
     names = ["MAP", *rows["subset"]]
     values = [rows["map/test/ece"].iloc[0], *rows["test/ece"]]
     std = [rows["map/test/ece_std"].iloc[0], *rows["test/ece_std"]]  # NaN (no whisker) for one seed
@@ -89,14 +92,15 @@ def ece_comparison(ranked: pd.DataFrame, title: str, path: Path) -> Path:
     ax.axhline(values[0], color=COLORS["map"], linestyle="--", linewidth=1)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set(xlabel="predictive (MAP, or Laplace on subset S)", ylabel="test ECE (absolute)", title=title)
-    _kind_legend(ax, ["map", *[k for k in ("layer", "group", "all") if k in set(rows["kind"])]])
+    _kind_legend(ax, rows["kind"], with_map=True)
     return save(fig, path)
 
 
 def reliability_set(result: dict, best_layer: str | None, trial: str, out: Path) -> dict[str, Path]:
     """Reliability diagrams of one trial's MAP, ``all`` and best single layer (test split)."""
-    paths = {"reliability_map": reliability_diagram(result["map"]["reliability"], f"MAP, trial {trial}",
-                                                    out / "reliability_map.png", result["map"]["test"]["ece"])}
+    map_row = result["map"]
+    paths = {"reliability_map": reliability_diagram(map_row["reliability"], f"MAP, trial {trial}",
+                                                    out / "reliability_map.png", map_row["test"]["ece"])}
     for key, name in (("reliability_all", "all"), ("reliability_best_layer", best_layer)):
         row = result["subsets"].get(name) if name else None
         if row is not None:

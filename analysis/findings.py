@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 
 import pandas as pd
 
-from analysis.aggregate import ranking
+from analysis.aggregate import config_label, ranking
 from analysis.collect import SweepData
 
 _SUBSET_FIELDS = ("subset", "blocks", "n_seeds", "delta_ece", "delta_ece_low", "delta_ece_high", "ci_method",
@@ -56,7 +56,8 @@ def _clean(value):
 
 
 def _row(row: pd.Series) -> dict:
-    return {key: _clean(row[key]) if key != "blocks" else list(row[key]) for key in _SUBSET_FIELDS if key in row}
+    return {key: list(row[key]) if key == "blocks" else _clean(row[key])
+            for key in _SUBSET_FIELDS if key in row}
 
 
 def _best(ranked: pd.DataFrame, kind: str) -> dict | None:
@@ -69,7 +70,8 @@ def _compare(every: dict | None, layer: dict | None) -> dict | None:
     non-overlap implies a difference, overlap does not prove there is none; not a paired test)."""
     if every is None or layer is None:
         return None
-    separate = every["delta_ece_low"] > layer["delta_ece_high"] or layer["delta_ece_low"] > every["delta_ece_high"]
+    separate = (every["delta_ece_low"] > layer["delta_ece_high"]
+                or layer["delta_ece_low"] > every["delta_ece_high"])
     better = "all" if every["delta_ece"] > layer["delta_ece"] else layer["subset"]
     return {"difference": every["delta_ece"] - layer["delta_ece"], "cis_separate": bool(separate),
             "larger_delta_ece": better,
@@ -80,14 +82,16 @@ def _reference(ranked: pd.DataFrame, data: SweepData) -> dict:
     first = ranked.iloc[0]
     return {"config": first["config"], "params": {p: _clean(first[p]) for p in data.config_params},
             "n_seeds": int(first["n_seeds"]), "trial_ids": list(first["trial_ids"]),
-            "objective": _clean(first["objective"]), "laplace_prior_precision": _clean(first["prior_precision"]),
-            "why": f"best mean validation objective {data.search.metric} ({data.search.direction}) over its seeds"}
+            "objective": _clean(first["objective"]),
+            "laplace_prior_precision": _clean(first["prior_precision"]),
+            "why": f"best mean validation objective {data.search.metric} ({data.search.direction}) "
+                   "over its seeds"}
 
 
 def _trial_counts(data: SweepData) -> dict:
     missing = data.missing()
-    return {"planned": data.search.num_samples, "started": len(data.trials), "with_results": len(data.results),
-            "not_started": data.not_started,
+    return {"planned": data.search.num_samples, "started": len(data.trials),
+            "with_results": len(data.results), "not_started": data.not_started,
             "by_status": {k: int(v) for k, v in data.trials["status"].value_counts().items()},
             "missing": [{k: _clean(v) for k, v in row.items()} for row in missing.to_dict("records")],
             "complete": len(data.results) == data.search.num_samples}
@@ -98,11 +102,13 @@ def _optuna_best(data: SweepData) -> dict | None:
     done = data.trials[data.trials["status"] == "ok"].dropna(subset=["objective"])
     if done.empty:
         return None
-    best = done.loc[done["objective"].idxmin() if data.search.direction == "min" else done["objective"].idxmax()]
+    objective = done["objective"]
+    best = done.loc[objective.idxmin() if data.search.direction == "min" else objective.idxmax()]
     params = {p: _clean(best.get(p)) for p in data.search.space}
-    return {"optuna_trial": _clean(best["optuna_trial"]), "trial_id": best["trial_id"], "metric": data.search.metric,
-            "objective": _clean(best["objective"]), "prior_precision": params.get("train.prior_precision"),
-            "lora_rank": params.get("peft.rank"), "params": params}
+    return {"optuna_trial": _clean(best["optuna_trial"]), "trial_id": best["trial_id"],
+            "metric": data.search.metric, "objective": _clean(best["objective"]),
+            "prior_precision": params.get("train.prior_precision"), "lora_rank": params.get("peft.rank"),
+            "params": params}
 
 
 def _cost(data: SweepData, summary: pd.DataFrame) -> dict:
@@ -115,8 +121,8 @@ def _cost(data: SweepData, summary: pd.DataFrame) -> dict:
         per_subset = {k: _clean(v) for k, v in summary.groupby("subset", sort=False)["time_s"].mean().items()}
     return {"per_trial": per_trial, "mean_per_trial": {c: _clean(ok[c].mean()) for c in cols},
             "per_subset_eval_s": per_subset,
-            "note": "per-subset times are absent for the glm predictive: one Jacobian pass serves every subset "
-                    "(see laplace_eval_s)"}
+            "note": "per-subset times are absent for the glm predictive: one Jacobian pass serves every "
+                    "subset (see laplace_eval_s)"}
 
 
 def _fmt_subset(s: dict) -> str:
@@ -130,10 +136,15 @@ def narrative(f: dict) -> list[str]:
     lines = [f"{t['with_results']} of {t['planned']} planned trials have layer-wise results"
              + ("." if t["complete"] else f"; {len(t['missing'])} started without results and "
                 f"{t['not_started']} not started: this report is partial.")]
+    la = f["laplace"]
+    lines.append(f"Laplace: {la['hessian_structure']} GGN ({la['backend']}) over {la['n_params']:,} "
+                 f"parameters of {la['n_blocks']} blocks, {la['predictive']} predictive"
+                 + (f" with {la['n_samples']} samples" if la["predictive"] == "nn" else "")
+                 + f", prior precision {la['prior_method']}.")
     opt = f["optuna_best"]
     if opt:
-        lines.append(f"Optuna's best trial is #{opt['optuna_trial']} ({opt['metric']} = {opt['objective']:.4f}) "
-                     f"with λ = {opt['prior_precision']} and LoRA rank {opt['lora_rank']}.")
+        lines.append(f"Optuna's best trial is #{opt['optuna_trial']} ({config_label(opt['params'])}): "
+                     f"{opt['metric']} = {opt['objective']:.4f}.")
     seeds = f"{ref['n_seeds']} seeds" if ref["n_seeds"] > 1 else "one seed"
     lines.append(f"Subsets are ranked in the configuration {ref['config']} ({ref['why']}; {seeds}).")
     if f["best_single_layer"]:
@@ -142,15 +153,17 @@ def narrative(f: dict) -> list[str]:
         lines.append(f"The best group is {_fmt_subset(f['best_group'])}.")
     cmp = f["all_vs_best_single_layer"]
     if cmp:
-        lines.append(f"All blocks give {_fmt_subset(f['all'])}; their CIs "
-                     + ("do not overlap, so the test set separates them." if cmp["cis_separate"] else
-                        "overlap, so the test set does not separate them from the best single layer."))
+        layer = f["best_single_layer"]["subset"]
+        verdict = ("do not overlap: the test set separates them" if cmp["cis_separate"] else
+                   "overlap: the test set does not separate them")
+        lines.append(f"With every block Bayesian: {_fmt_subset(f['all'])}; its CI and {layer}'s {verdict}.")
     for s in (f["best_single_layer"], f["all"]):
         if s and s["accuracy_drop"] is not None and s["accuracy_drop"] > ACCURACY_DROP_NOTE:
-            lines.append(f"Caution: {s['subset']} is {100 * s['accuracy_drop']:.1f} accuracy points below the MAP, "
-                         "so part of its ECE change may come from a posterior too wide to be confident.")
+            lines.append(f"Caution: {s['subset']} is {100 * s['accuracy_drop']:.1f} accuracy points below "
+                         "the MAP, so part of its ECE change may come from a posterior too wide to be confident.")
     mean = f["cost"]["mean_per_trial"]
     if mean.get("wall_time_s") is not None:
         lines.append(f"A trial took {mean['wall_time_s']:.1f} s on average (Laplace fit "
-                     f"{mean.get('laplace_fit_s') or 0:.1f} s, all subsets {mean.get('laplace_eval_s') or 0:.1f} s).")
+                     f"{mean.get('laplace_fit_s') or 0:.1f} s, all subsets "
+                     f"{mean.get('laplace_eval_s') or 0:.1f} s).")
     return lines

@@ -24,7 +24,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from analysis.collect import SEED, ReportError, SweepData, check_has_results, open_study, read_json
+from analysis.collect import (SEED, ReportError, SweepData, check_has_results, open_study, read_json,
+                              trial_frame)
 from distlap.layerwise import RESULTS_FILE
 from distlap.search import RUN_ID_KEY
 from distlap.sweep_config import SearchConfig
@@ -71,8 +72,9 @@ def parent_run(client: MlflowClient, experiment_id: str, *, sweep_id: str | None
     query = f"tags.`{KIND_TAG}` = 'sweep'" + (f" and tags.`{SWEEP_TAG}` = '{sweep_id}'" if sweep_id else "")
     runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
-        raise ReportError(f"no sweep run{f' for sweep {sweep_id!r}' if sweep_id else ''} in MLflow experiment "
-                          f"{experiment_id} at {client.tracking_uri}")
+        which = f" for sweep {sweep_id!r}" if sweep_id else ""
+        raise ReportError(f"no sweep run{which} in MLflow experiment {experiment_id} at "
+                          f"{client.tracking_uri}")
     return runs[0]
 
 
@@ -120,10 +122,10 @@ def load_mlflow(uri: str, experiment: str, run_id: str | None = None) -> SweepDa
     trials = _trial_frame(runs, search, study)
     output_dir = parse_value(params.get("output_dir"))
     data = SweepData(name=parse_value(params.get("name")) or parent.info.run_name,
-                     source=f"MLflow {uri}, experiment {experiment!r}, run {parent.info.run_id}", search=search,
-                     trials=trials, results=_results(client, trials), study=study,
-                     output_dir=Path(output_dir) if output_dir else None, tracking_uri=uri, experiment=experiment,
-                     parent_run_id=parent.info.run_id, notes=notes)
+                     source=f"MLflow {uri}, experiment {experiment!r}, run {parent.info.run_id}",
+                     search=search, trials=trials, results=_results(client, trials), study=study,
+                     output_dir=Path(output_dir) if output_dir else None, tracking_uri=uri,
+                     experiment=experiment, parent_run_id=parent.info.run_id, notes=notes)
     return check_has_results(data)
 
 
@@ -142,14 +144,14 @@ def _trial_frame(runs: pd.DataFrame, search: SearchConfig, study) -> pd.DataFram
                      **{p: parse_value(run.get(f"params.{p}")) for p in search.space},
                      SEED: parse_value(run.get(f"params.{SEED}")), "objective": metrics.get(search.metric),
                      "mlflow_run_id": run["run_id"], "error": run.get(f"tags.{ERROR_TAG}"), **metrics})
-    return pd.DataFrame(rows, columns=None if rows else ["optuna_trial", "trial_id", "status", "error"])
+    return trial_frame(rows)
 
 
 def _results(client: MlflowClient, trials: pd.DataFrame) -> dict[str, dict]:
     """Each trial run's ``layer_wise_results.json`` artifact (absent while the trial runs)."""
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for trial_id, run_id in zip(trials.get("trial_id", []), trials.get("mlflow_run_id", [])):
+        for trial_id, run_id in zip(trials["trial_id"], trials["mlflow_run_id"]):
             try:
                 path = client.download_artifacts(run_id, RESULTS_FILE, str(Path(tmp) / run_id))
             except Exception:  # noqa: BLE001 -- MLflow raises several types for a missing artifact
@@ -167,7 +169,8 @@ def report_run(data: SweepData) -> str:
     if not data.tracking_uri or not data.experiment:
         raise ReportError("the sweep names no MLflow tracking URI and experiment")
     client = _client(data.tracking_uri)
-    return parent_run(client, _experiment_id(client, data.experiment), sweep_id=data.search.study_name).info.run_id
+    experiment_id = _experiment_id(client, data.experiment)
+    return parent_run(client, experiment_id, sweep_id=data.search.study_name).info.run_id
 
 
 def log_report(uri: str, run_id: str, report_dir: Path) -> None:

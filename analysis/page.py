@@ -44,13 +44,15 @@ def _figure(name: str, image: Path | str, caption: str) -> str:
 
 def render(title: str, narrative: list[str], figures: list[tuple[str, Path | str, str]],
            tables: list[tuple[str, pd.DataFrame]], missing: list[str]) -> str:
-    """The page: narrative, missing trials, figures (name, PNG or reason it is absent, caption), tables."""
+    """The page: narrative, what is missing or was left out, figures (name, PNG or the reason it is
+    absent, caption), tables (caption, frame)."""
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              "<h2>Findings</h2><ul class='narrative'>",
              *(f"<li>{html.escape(line)}</li>" for line in narrative), "</ul>"]
     if missing:
-        parts += ["<h2>Missing</h2><ul class='missing'>", *(f"<li>{html.escape(m)}</li>" for m in missing), "</ul>"]
+        parts += ["<h2>Missing or left out</h2><ul class='missing'>",
+                  *(f"<li>{html.escape(m)}</li>" for m in missing), "</ul>"]
     parts += ["<h2>Figures</h2>", *(_figure(*fig) for fig in figures)]
     for caption, table in tables:
         parts += [f"<h2>{html.escape(caption)}</h2>",

@@ -22,12 +22,13 @@ from analysis.collect import SEED, ReportError, SweepData, load_folder
 REPORT_DIR = "report"
 SUMMARY_TABLE, RANKING_TABLE, TRIALS_TABLE = "summary_table.csv", "subset_ranking.csv", "trials.csv"
 SUMMARY_JSON, HTML = "analysis_summary.json", "report.html"
+OUTPUTS = (SUMMARY_TABLE, RANKING_TABLE, TRIALS_TABLE, SUMMARY_JSON, HTML)
 _FIRST = ["config", "subset", "kind", "blocks", "n_seeds", "seeds", "rank", "delta_ece", "delta_ece_std",
           "delta_ece_low", "delta_ece_high", "ci_method", "test/accuracy", "test/nll", "test/brier",
           "test/ece", "test/mce", "accuracy_drop"]
-_TRIAL_COLUMNS = ["optuna_trial", "trial_id", "status", SEED, "objective", "map/test/accuracy", "map/test/ece",
-                  "bayes/test/ece", "bayes/delta_ece", "best_subset", "prior_precision", "tuned_params_pct",
-                  "time_per_epoch_s", "laplace_fit_s", "laplace_eval_s", "wall_time_s", "has_results", "error"]
+_TRIAL_METRICS = [SEED, "objective", "map/test/accuracy", "map/test/ece", "bayes/test/ece", "bayes/delta_ece",
+                  "best_subset", "prior_precision", "tuned_params_pct", "time_per_epoch_s", "laplace_fit_s",
+                  "laplace_eval_s", "wall_time_s", "has_results", "error"]
 
 
 def build_report(output_dir: str | Path, *, log_mlflow: bool = True, log=print) -> Path:
@@ -42,44 +43,56 @@ def build_report(output_dir: str | Path, *, log_mlflow: bool = True, log=print) 
 
 def write_report(data: SweepData, report_dir: Path, *, log_mlflow: bool = True, log=print) -> Path:
     """Every report file for ``data`` into ``report_dir`` (then to the MLflow parent run); returns it."""
-    report_dir.mkdir(parents=True, exist_ok=True)
-    for old in [*report_dir.glob("*.png"), *(report_dir / n for n in (SUMMARY_TABLE, RANKING_TABLE, TRIALS_TABLE,
-                                                                       SUMMARY_JSON, HTML))]:
-        old.unlink(missing_ok=True)  # a view not drawn this time must not survive from the last report
+    _clear(report_dir)
     summary = aggregate.summary_table(aggregate.subset_frame(data), data.config_params, data.search.direction)
     reference = aggregate.best_config(summary)
     ranked = aggregate.ranking(summary, reference)
     found = findings.findings(data, summary, reference)
     images = _figures(data, summary, ranked, found, report_dir)
     run_id = _mlflow_run(data, log) if log_mlflow else None
-    found.update(figures={n: p.name if isinstance(p, Path) else f"not drawn: {p}" for n, p in images.items()},
-                 notes=data.notes, mlflow={"parent_run_id": run_id, "artifact_path": mlflow_io.REPORT_ARTIFACTS}
-                 if run_id else None)
+    found["figures"] = {n: p.name if isinstance(p, Path) else f"not drawn: {p}" for n, p in images.items()}
+    found["notes"] = data.notes
+    found["mlflow"] = run_id and {"parent_run_id": run_id, "artifact_path": mlflow_io.REPORT_ARTIFACTS}
     story = findings.narrative(found)
+    trials = _trial_table(data)
     _columns(summary).to_csv(report_dir / SUMMARY_TABLE, index=False)
     _columns(ranked).to_csv(report_dir / RANKING_TABLE, index=False)
-    trials = _trial_table(data)
     trials.to_csv(report_dir / TRIALS_TABLE, index=False)
     (report_dir / SUMMARY_JSON).write_text(json.dumps(found, indent=2, default=str))
-    (report_dir / HTML).write_text(page.render(
-        f"Layer-wise Laplace sweep {data.name!r}", story, _captioned(images, found), _html_tables(ranked, summary, trials),
-        _missing_lines(data)))
+    html = page.render(f"Layer-wise Laplace sweep {data.name!r}", story, _captioned(images, found),
+                       _html_tables(ranked, summary, trials), _missing_lines(data))
+    (report_dir / HTML).write_text(html, encoding="utf-8")
     if run_id:
-        mlflow_io.log_report(data.tracking_uri, run_id, report_dir)
-        log(f"[report] logged to MLflow run {run_id} under {mlflow_io.REPORT_ARTIFACTS}/")
+        _log_to_mlflow(data, run_id, report_dir, log)
     for line in story:
         log(f"[report] {line}")
     log(f"[report] {report_dir / HTML}")
     return report_dir
 
 
+def _clear(report_dir: Path) -> None:
+    """Remove an earlier report's files: a view not drawn this time must not survive from the last one."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    for old in [*report_dir.glob("*.png"), *(report_dir / name for name in OUTPUTS)]:
+        old.unlink(missing_ok=True)
+
+
 def _mlflow_run(data: SweepData, log) -> str | None:
     try:
         return mlflow_io.report_run(data)
-    except Exception as err:  # noqa: BLE001 -- the files are the report; MLflow is a copy of them
+    except Exception as err:  # noqa: BLE001 -- the files are the report; MLflow holds a copy of them
         log(f"[report] not logged to MLflow: {err}")
         data.notes.append(f"not logged to MLflow: {err}")
         return None
+
+
+def _log_to_mlflow(data: SweepData, run_id: str, report_dir: Path, log) -> None:
+    try:
+        mlflow_io.log_report(data.tracking_uri, run_id, report_dir)
+    except Exception as err:  # noqa: BLE001 -- as above: the report on disk stands
+        log(f"[report] logging to MLflow run {run_id} failed: {err}")
+        return
+    log(f"[report] logged to MLflow run {run_id} under {mlflow_io.REPORT_ARTIFACTS}/")
 
 
 def _figures(data: SweepData, summary: pd.DataFrame, ranked: pd.DataFrame, found: dict, out: Path) -> dict:
@@ -127,13 +140,14 @@ def _columns(table: pd.DataFrame) -> pd.DataFrame:
 def _trial_table(data: SweepData) -> pd.DataFrame:
     trials = data.trials.assign(has_results=data.trials["trial_id"].isin(data.results))
     trials = trials.rename(columns={"delta_ece": "bayes/delta_ece"})  # the trial's own: subset 'all'
-    cols = ["optuna_trial", "trial_id", "status", *data.config_params, *_TRIAL_COLUMNS[3:]]
+    cols = ["optuna_trial", "trial_id", "status", *data.config_params, *_TRIAL_METRICS]
     return trials[[c for c in dict.fromkeys(cols) if c in trials]]
 
 
 def _html_tables(ranked: pd.DataFrame, summary: pd.DataFrame, trials: pd.DataFrame) -> list:
     metrics = ["delta_ece", "test/accuracy", "test/nll", "test/brier", "test/ece", "test/mce"]
-    show = ["subset", "kind", "blocks", "n_seeds", *metrics, "delta_ece_low", "delta_ece_high", "accuracy_drop"]
+    show = ["subset", "kind", "blocks", "n_seeds", *metrics, "delta_ece_low", "delta_ece_high",
+            "accuracy_drop"]
     per_config = page.mean_std(summary, metrics)[["config", *show]]
     return [(f"Subsets ranked by Δ_ECE in {ranked['config'].iloc[0]} (mean ± std over seeds)",
              page.mean_std(ranked, metrics)[show]),
@@ -151,14 +165,15 @@ def _missing_lines(data: SweepData) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python analysis/report.py", description=__doc__.splitlines()[0])
-    parser.add_argument("sweep", nargs="?", type=Path, help="the sweep's output folder (--output of the sweep)")
+    parser.add_argument("sweep", nargs="?", type=Path, help="the sweep's output folder (its --output)")
     parser.add_argument("--tracking-uri", help="read the sweep from this MLflow tracking URI instead")
     parser.add_argument("--experiment", help="the MLflow experiment (with --tracking-uri)")
     parser.add_argument("--run-id", help="the sweep's parent run (default: the experiment's newest sweep)")
     parser.add_argument("--report-dir", type=Path, help="where to write (default: <sweep output>/report)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the report to the parent run")
     args = parser.parse_args(argv)
-    if (args.sweep is None) == (args.tracking_uri is None) or bool(args.tracking_uri) != bool(args.experiment):
+    from_mlflow = args.tracking_uri is not None
+    if (args.sweep is None) != from_mlflow or from_mlflow != (args.experiment is not None):
         parser.error("give a sweep output folder, or --tracking-uri URI --experiment NAME (not both)")
     try:
         data = (load_folder(args.sweep) if args.sweep is not None

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["search.num_samples=3", "resources.cpus_per_trial=0.5",  # all three at once on 2 cores
          "search.space.seed={kind: choice, values: [0, 1]}",
          "search.points_to_evaluate=[{train.prior_precision: 10.0, peft.rank: 2, seed: 0}, "
-         "{train.prior_precision: 10.0, peft.rank: 2, seed: 1}, {train.prior_precision: 100.0, peft.rank: 4, seed: 0}]"]
+         "{train.prior_precision: 10.0, peft.rank: 2, seed: 1}, "
+         "{train.prior_precision: 100.0, peft.rank: 4, seed: 0}]"]
 FILES = ["summary_table.csv", "subset_ranking.csv", "trials.csv", "analysis_summary.json", "report.html",
          "delta_ece_ranked.png", "delta_ece_sequential.png", "ece_comparison.png", "reliability_map.png",
          "reliability_all.png", "reliability_best_layer.png", "optuna_history.png", "optuna_contour.png"]
@@ -40,7 +41,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report") / "sweep"
-    cmd = [sys.executable, str(ROOT / "sweeps" / "layerwise.py"), "--smoke-test", "--output", str(out), *SMOKE]
+    script = ROOT / "sweeps" / "layerwise.py"
+    cmd = [sys.executable, str(script), "--smoke-test", "--output", str(out), *SMOKE]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"smoke sweep failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return out
@@ -55,16 +57,16 @@ def report(sweep_dir) -> Path:
 def results(sweep_dir) -> dict[int, dict]:
     """Each trial's layer_wise_results.json and its settings, by Optuna trial number."""
     trials = pd.read_csv(sweep_dir / "summary.csv")
-    return {int(t.optuna_trial): {"json": json.loads((sweep_dir / "trials" / t.trial_id / "layer_wise_results.json")
-                                                     .read_text()),
-                                  "config": (t["train.prior_precision"], t["peft.rank"]), "trial_id": t.trial_id}
-            for _, t in trials.iterrows()}
+    return {int(t.optuna_trial): {
+        "json": json.loads((sweep_dir / "trials" / t.trial_id / "layer_wise_results.json").read_text()),
+        "config": (t["train.prior_precision"], t["peft.rank"]), "trial_id": t.trial_id}
+        for _, t in trials.iterrows()}
 
 
 def copy_sweep(src: Path, dst: Path) -> Path:
     """The sweep's records without the bulky parts (adapters, Ray state, MLflow artifacts)."""
-    return Path(shutil.copytree(src, dst, ignore=shutil.ignore_patterns("adapter", "ray_results", "mlartifacts",
-                                                                        "plots", "report")))
+    bulky = shutil.ignore_patterns("adapter", "ray_results", "mlartifacts", "plots", "report")
+    return Path(shutil.copytree(src, dst, ignore=bulky))
 
 
 def _summary(report: Path) -> dict:
@@ -88,7 +90,8 @@ def test_ranking_follows_the_json_results(report, results):
     ref = found["reference_config"]
     seeds = [r["json"] for r in results.values() if r["trial_id"] in ref["trial_ids"]]
     assert len(seeds) == ref["n_seeds"] >= 1
-    mean = {name: np.mean([s["subsets"][name]["delta_ece"]["estimate"] for s in seeds]) for name in seeds[0]["subsets"]}
+    mean = {name: np.mean([s["subsets"][name]["delta_ece"]["estimate"] for s in seeds])
+            for name in seeds[0]["subsets"]}
     ranked = pd.read_csv(report / "subset_ranking.csv")
     assert set(ranked.subset) == set(mean) and (ranked.config == ref["config"]).all()
     assert ranked.delta_ece.tolist() == pytest.approx(sorted(mean.values(), reverse=True))
@@ -125,12 +128,14 @@ def test_findings(report, sweep_dir):
     found = _summary(report)
     study = optuna.load_study(study_name=sweep_dir.name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
     best = found["optuna_best"]
-    assert best["optuna_trial"] == study.best_trial.number and best["objective"] == pytest.approx(study.best_value)
+    assert best["optuna_trial"] == study.best_trial.number
+    assert best["objective"] == pytest.approx(study.best_value)
     assert (best["prior_precision"], best["lora_rank"]) == (study.best_params["train.prior_precision"],
                                                             study.best_params["peft.rank"])
     cmp = found["all_vs_best_single_layer"]
     layer, every = found["best_single_layer"], found["all"]
-    overlap = every["delta_ece_low"] <= layer["delta_ece_high"] and layer["delta_ece_low"] <= every["delta_ece_high"]
+    overlap = (every["delta_ece_low"] <= layer["delta_ece_high"]
+               and layer["delta_ece_low"] <= every["delta_ece_high"])
     assert cmp["cis_separate"] is (not overlap)
     assert found["trials"] == {"planned": 3, "started": 3, "with_results": 3, "not_started": 0,
                                "by_status": {"ok": 3}, "missing": [], "complete": True}
@@ -139,7 +144,7 @@ def test_findings(report, sweep_dir):
 
 
 def test_html_embeds_every_image(report):
-    page = (report / "report.html").read_text()
+    page = (report / "report.html").read_text(encoding="utf-8")
     pngs = sorted(report.glob("*.png"))
     for png in pngs:
         assert f"data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}" in page, png.name
@@ -161,8 +166,9 @@ def test_report_from_mlflow_matches_the_folder(report, sweep_dir, tmp_path):
     assert main(["--tracking-uri", uri, "--experiment", "distlap-layerwise", "--report-dir", str(tmp_path),
                  "--no-mlflow"]) == 0
     numeric = ["n_seeds", "rank", "delta_ece", "delta_ece_low", "delta_ece_high", "test/ece", "test/nll"]
-    from_folder, from_mlflow = (pd.read_csv(d / "summary_table.csv") for d in (report, tmp_path))
-    pd.testing.assert_frame_equal(from_mlflow[["config", "subset", *numeric]], from_folder[["config", "subset", *numeric]])
+    columns = ["config", "subset", *numeric]
+    from_folder, from_mlflow = (pd.read_csv(d / "summary_table.csv")[columns] for d in (report, tmp_path))
+    pd.testing.assert_frame_equal(from_mlflow, from_folder)
     assert load_mlflow(uri, "distlap-layerwise").study is not None
 
 
@@ -176,11 +182,12 @@ def test_partial_sweep_reports_what_exists_and_what_is_missing(sweep_dir, result
     (partial / "config.yaml").write_text(yaml.safe_dump(cfg))
     report = write_report(load_folder(partial), partial / "report", log_mlflow=False, log=lambda m: None)
     found = _summary(report)
-    assert found["trials"]["missing"] == [{"optuna_trial": 1, "trial_id": lost, "status": "ok", "error": None}]
-    assert (found["trials"]["with_results"], found["trials"]["not_started"], found["trials"]["complete"]) == (2, 1, False)
+    counts = found["trials"]
+    assert counts["missing"] == [{"optuna_trial": 1, "trial_id": lost, "status": "ok", "error": None}]
+    assert (counts["with_results"], counts["not_started"], counts["complete"]) == (2, 1, False)
     table = pd.read_csv(report / "summary_table.csv")
     assert (table.n_seeds == 1).all() and not table.trial_ids.str.contains(lost).any()
-    page = (report / "report.html").read_text()
+    page = (report / "report.html").read_text(encoding="utf-8")
     assert "this report is partial" in page and lost in page and "1 of 4 planned trials not started" in page
     assert all((report / f).is_file() for f in FILES)
 
@@ -189,17 +196,27 @@ def test_no_results_yet_is_a_clear_error(sweep_dir, tmp_path):
     empty = copy_sweep(sweep_dir, tmp_path / "empty")
     for results_file in empty.glob("trials/*/layer_wise_results.json"):
         results_file.unlink()
-    with pytest.raises(ReportError, match="no trial of sweep 'smoke' .* has layer-wise results yet"):
+    no_results = r"no trial of sweep 'smoke' .* has layer-wise results yet \(3 planned, 3 started: {'ok': 3}\)"
+    with pytest.raises(ReportError, match=no_results):
         build_report(empty, log_mlflow=False)
+    fresh = tmp_path / "fresh"          # interrupted before its first trial: an empty study
+    fresh.mkdir()
+    cfg = yaml.safe_load((sweep_dir / "config.yaml").read_text())
+    cfg["search"]["storage"] = f"sqlite:///{fresh / 'optuna.db'}"
+    (fresh / "config.yaml").write_text(yaml.safe_dump(cfg))
+    optuna.create_study(study_name=cfg["search"]["study_name"], storage=cfg["search"]["storage"])
+    with pytest.raises(ReportError, match=r"\(3 planned, 0 started: none\)"):
+        build_report(fresh, log_mlflow=False)
 
 
 def test_not_a_sweep_folder(tmp_path, sweep_dir):
     proc = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == (f"error: {tmp_path} is not a sweep output folder (no config.yaml); pass the "
-                                   "--output folder of `python sweeps/layerwise.py` (it holds config.yaml, optuna.db, "
-                                   "mlflow.db and trials/), or --tracking-uri URI --experiment NAME")
+    assert proc.stderr.strip() == (
+        f"error: {tmp_path} is not a sweep output folder (no config.yaml); pass the --output folder of "
+        "`python sweeps/layerwise.py` (it holds config.yaml, optuna.db, mlflow.db and trials/), "
+        "or --tracking-uri URI --experiment NAME")
     trial = next((sweep_dir / "trials").iterdir())
     with pytest.raises(ReportError, match="is one trial's folder, not a sweep output folder"):
         build_report(trial)
@@ -230,4 +247,4 @@ def test_line_configs_one_per_rank_at_its_best_lambda():
     summary = pd.DataFrame({"config": ["a", "b", "c"], "train.prior_precision": [1.0, 2.0, 3.0],
                             "peft.rank": [2, 2, 4]})   # ordered best objective first
     assert aggregate.line_configs(summary, ["train.prior_precision", "peft.rank"]) == ["a", "c"]
-    assert aggregate.config_label({"train.prior_precision": 43.117, "peft.rank": 4}) == "λ=43.1, r=4"
+    assert aggregate.config_label({"train.prior_precision": 43.117, "peft.rank": 4}) == "λ=43.12, r=4"
