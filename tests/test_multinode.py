@@ -160,8 +160,8 @@ def _namespace_prefix() -> list[str] | None:
     """``unshare`` into fresh network + PID + mount namespaces, as root or in a user namespace."""
     if not shutil.which("unshare") or not shutil.which("ip"):
         return None
-    for prefix in (["unshare", "--net", "--pid", "--mount", "--fork", "--mount-proc"],
-                   ["unshare", "--user", "--map-root-user", "--net", "--pid", "--mount", "--fork", "--mount-proc"]):
+    common = ["--net", "--pid", "--mount", "--fork", "--mount-proc", "--kill-child"]  # all die with unshare
+    for prefix in (["unshare", *common], ["unshare", "--user", "--map-root-user", *common]):
         probe = subprocess.run([*prefix, "ip", "link", "set", "lo", "up"], capture_output=True)
         if probe.returncode == 0:
             return prefix
@@ -243,6 +243,24 @@ def test_sweep_spreads_over_nodes_and_survives_losing_one(tmp_path):
     # Artifacts went through the tracking server into its one artifact store.
     assert list((out / "mlartifacts").rglob("reliability_all.png"))
 
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(os.environ.get("DISTLAP_RAY_UP") != "1",
+                    reason="opt-in: DISTLAP_RAY_UP=1 (root; installs openssh-server and rsync, ~5 min)")
+def test_ray_up_local_provider_runs_the_smoke_sweep(tmp_path):
+    """`ray up` (local provider, SSH to loopback) -> the smoke sweep on the cluster's worker -> `ray down`,
+    by tests/cluster/ray_up_smoke.sh; afterwards no Ray process of that cluster is left."""
+    proc = subprocess.run(["bash", str(ROOT / "tests" / "cluster" / "ray_up_smoke.sh"), str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert re.search(r"0\.0/1\.0 GPU", log)                          # the worker joined with its GPU
+    assert "[sweep] objective bayes/val/nll" in log                   # the sweep finished and summarised
+    # Trials need a GPU: they ran on the worker the launcher brought up, not on the head.
+    nodes = re.findall(r"node_ip \[([^\]]*)\] objective ([0-9.]+)", log)
+    assert len(nodes) == 2 and all(ips == "'127.0.0.2'" for ips, _ in nodes), nodes
+    assert "== no Ray process left" in log
 
 if __name__ == "__main__":
     _bring_up_loopback()
