@@ -14,11 +14,14 @@ The ratio is sequential wall / concurrent wall (target >= 1.6 on 2 cores).
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import ray
 
 from distlap.sweep import run_sweep
@@ -64,16 +67,19 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(include_dashboard=False, log_to_driver=True)
     cpus = int(ray.cluster_resources()["CPU"])
     root = args.output or Path(tempfile.mkdtemp(prefix="sweep_concurrency-"))
-    walls: dict[str, tuple[float, int, int]] = {}
+    walls: dict[str, tuple[float, int, int, float]] = {}
     try:
         for name, extra in variants(cpus, args.threaded).items():
             cfg = resolve(load_sweep_config(args.config, [
                 *args.overrides, point_override, f"search.num_samples={args.trials}", *extra,
                 f"output_dir={root / name}"]))
+            monitor = CpuMonitor()
+            monitor.start()
             start = time.perf_counter()
             summary = run_sweep(cfg)
-            walls[name] = (time.perf_counter() - start, int((summary.status == "ok").sum()),
-                           int(cfg.resources.cpus_per_trial))
+            wall = time.perf_counter() - start
+            walls[name] = (wall, int((summary.status == "ok").sum()), int(cfg.resources.cpus_per_trial),
+                           monitor.stop() / wall)
     finally:
         ray.shutdown()
 
@@ -83,12 +89,58 @@ def main(argv: list[str] | None = None) -> None:
           f"n_samples={t.laplace.n_samples}, val/test={t.data.max_val}/{t.data.max_test}) on {cpus} CPUs")
     print(f"points: {points}")
     print(f"{'variant':<12} {'threads/trial':>13} {'trials ok':>9} {'wall s':>8} {'s/trial':>8} "
-          f"{'speed-up':>9}")
+          f"{'speed-up':>9} {'others CPUs':>11}")
     sequential = walls["sequential"][0]
-    for name, (wall, ok, threads) in walls.items():
+    for name, (wall, ok, threads, busy) in walls.items():
         print(f"{name:<12} {threads:>13} {ok:>9} {wall:>8.1f} {wall / args.trials:>8.1f} "
-              f"{sequential / wall:>8.2f}x")
+              f"{sequential / wall:>8.2f}x {busy:>11.2f}")
+    print("others CPUs: mean cores kept busy by processes outside this benchmark during the variant; "
+          "anything above ~0.1 means the timings shared the machine.")
     print(f"ratio sequential / concurrent = {sequential / walls['concurrent'][0]:.2f} (target >= 1.6)")
+
+
+class CpuMonitor(threading.Thread):
+    """Samples, once a second, the CPU-seconds spent by this benchmark (this process and everything it
+    started: Ray's daemons and workers) and by the whole machine, so that other users' load during a
+    variant can be reported beside its wall time (on a shared machine it skews the ratio)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.ours = self.machine = 0.0
+        self._last: dict[int, float] = {}
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        machine0 = _machine_busy_s()
+        self._sample()       # baseline: count only what is spent from now on
+        self.ours = 0.0
+        while not self._done.wait(1.0):
+            self._sample()
+            self.machine = _machine_busy_s() - machine0
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:
+                continue
+            total = t.user + t.system
+            self.ours += total - self._last.get(proc.pid, 0.0)
+            self._last[proc.pid] = total
+
+    def stop(self) -> float:
+        """Mean CPUs other processes kept busy while this monitor ran."""
+        self._done.set()
+        self.join()
+        return max(0.0, self.machine - self.ours)
+
+
+def _machine_busy_s() -> float:
+    """CPU-seconds the whole machine has spent busy since boot (/proc/stat; every process counts)."""
+    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":
