@@ -99,7 +99,9 @@ def _connect(address: str | None) -> bool:
         return False
     _check_reachable(address)
     try:
-        ray.init(address=address, include_dashboard=False if address is None else None, log_to_driver=True)
+        # address None -> "local": a fresh Ray, never a stale cluster named in /tmp/ray or RAY_ADDRESS.
+        ray.init(address=address or "local", include_dashboard=False if address is None else None,
+                 log_to_driver=True)
     except (ConnectionError, RuntimeError, TimeoutError, ValueError) as err:
         first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
         raise SweepError(f"cannot reach the Ray cluster at --address {address!r}: {first}. Start it "

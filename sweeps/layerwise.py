@@ -50,7 +50,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if len(summary) < cfg.search.num_samples or (summary.status == "unfinished").any():
         return 130  # interrupted: --resume continues it
-    return 0 if (summary.status == "ok").any() else 1
+    if not (summary.status == "ok").any():
+        return 1
+    _report(cfg.out)
+    return 0
+
+
+def _report(out: Path) -> None:
+    """The analysis report of the finished sweep (``analysis/report.py``); its failure fails no sweep."""
+    from analysis.collect import ReportError
+    from analysis.report import build_report
+
+    try:
+        build_report(out)
+    except ReportError as err:
+        print(f"[sweep] no report: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":

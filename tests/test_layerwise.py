@@ -55,7 +55,7 @@ def test_serial_run_writes_results_and_plots(trial):
 def test_serial_and_ray_give_identical_numbers(trial):
     ray = pytest.importorskip("ray")
     serial = run_layerwise(trial, parallel=False, **QUIET)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         parallel = run_layerwise(trial, parallel=True, task_resources={"num_cpus": 1}, **QUIET)
     finally:

@@ -185,6 +185,7 @@ def test_smoke_sweep_end_to_end(tmp_path):
     client = MlflowClient(load_sweep_config(out / "config.yaml").tracking.uri)
     assert [a.path for a in client.list_artifacts(subset.info.run_id)] == ["reliability_all.png"]
     assert "stage: fine-tuning" in proc.stdout + proc.stderr  # progress names the stage
+    assert (out / "report" / "report.html").is_file()  # the analysis report is written at the end
 
 
 @pytest.mark.slow
