@@ -1,4 +1,4 @@
-"""Turns a layer-wise sweep's results into tables, plots, a summary JSON and one HTML page.
+"""Turns a sweep's results into tables, plots, a summary JSON and one HTML page.
 
 ``python analysis/report.py <sweep output folder>`` (or ``--tracking-uri URI --experiment NAME``)
 writes ``<output>/report/``; :func:`analysis.report.build_report` does the same from Python (the sweep
@@ -10,6 +10,14 @@ calls it at its end). One module per step:
 - :mod:`analysis.findings`: the key findings (``analysis_summary.json``) and their narrative
 - :mod:`analysis.figures`, :mod:`analysis.optuna_views`: the PNGs
 - :mod:`analysis.page`: the self-contained ``report.html``
+
+The PEFT-methods sweep (``sweeps/peft_methods.py``) has its own report,
+``python analysis/peft_methods.py <sweep output folder>`` (:func:`analysis.peft_methods.build_peft_report`):
+
+- :mod:`analysis.peft_tables`: trials -> the consolidated Method | Tuned Params % | Acc@1 | ECE |
+  Time/Epoch (s) table per (backbone, dataset), mean ± std over seeds
+- :mod:`analysis.peft_figures`: the composite plots merging backbones
+- :mod:`analysis.peft_methods`: the computed cross-setting trends, ``peft_methods.md`` and the page
 
 Module names avoid ``html``, ``tables`` and other importable names: ``python analysis/report.py``
 puts this folder first on ``sys.path``, where such a file would shadow the library of that name.

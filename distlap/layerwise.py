@@ -87,10 +87,11 @@ def _row_line(name: str, row: dict) -> str:
             + (f" ({row['time_s']:.1f}s)" if row["time_s"] is not None else ""))
 
 
-def run_layerwise(ft, *, log=print, parallel: bool | None = None,
-                  task_resources: dict | None = None) -> dict:
+def run_layerwise(ft, *, log=print, parallel: bool | None = None, task_resources: dict | None = None,
+                  only: Sequence[str] | None = None) -> dict:
     """Fit once, evaluate every subset, write results if ``ft.cfg.output_dir`` is set; return the dict.
 
+    ``only``: evaluate just these subsets (e.g. ``("all",)``: the posterior of every tuned block).
     ``parallel``: None = Ray tasks if Ray is initialised (nn predictive), True = require Ray,
     False = serial. ``task_resources``: Ray resources of each subset task, e.g. {"num_cpus": 1,
     "num_gpus": 0.25}.
@@ -102,10 +103,16 @@ def run_layerwise(ft, *, log=print, parallel: bool | None = None,
     test_probs, test_labels = predict(model, test_loader, device)
     ref = Reference(val_probs, test_probs, val_labels, test_labels)
     subsets = layer_subsets(num_blocks(model), la.subsets)
+    every = subsets["all"]
+    if only is not None:
+        unknown = set(only) - set(subsets)
+        if unknown:
+            raise ValueError(f"no layer subsets named {sorted(unknown)}; the model has {sorted(subsets)}")
+        subsets = {name: subsets[name] for name in only}
     kw = dict(n_bins=cfg.n_bins, n_bootstrap=la.n_bootstrap, seed=cfg.seed)
 
     def val_nll(post: Posterior) -> float:  # gridsearch scorer: the 'all' posterior on validation
-        probs = _predict_val(model, post, subsets["all"], val_loader, device, la)
+        probs = _predict_val(model, post, every, val_loader, device, la)
         return metrics.negative_log_likelihood(probs, ref.val_labels)
 
     log(f"[distlap] fitting {la.hessian_structure} Laplace ({la.backend}) on "

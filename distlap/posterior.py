@@ -101,6 +101,10 @@ def fit_laplace(model: nn.Module, names: Sequence[str], train_loader: DataLoader
     ``temperature = n / N``) so that it stands for the full training set, as the prior does.
     Runs in fp32 (bf16 + kron exits the process silently) and leaves ``requires_grad`` as it found it.
     """
+    if cfg.backend == "asdl" and any("modules_to_save" in n for n in names):
+        raise ValueError("laplace.backend=asdl cannot fit the LayerNorm copies peft makes for "
+                         "peft.method=hybrid (ModulesToSaveWrapper); use laplace.backend=curvlinops or "
+                         "laplace.include_norms=false")
     chosen = set(names)
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     for n, p in model.named_parameters():

@@ -1,6 +1,6 @@
 """The Optuna side of a sweep: a persistent study and the Ray Tune searcher that feeds it.
 
-:class:`StudySearch` is Ray's ``OptunaSearch`` (TPE) over an ``RDBStorage`` study with three additions:
+:class:`StudySearch` is Ray's ``OptunaSearch`` (TPE, or a grid) over an ``RDBStorage`` study with three additions:
 
 - every Optuna trial carries the user attributes ``ray_trial_id`` and ``mlflow_run_id``; the MLflow
   trial run is created here, by the driver, and its id travels to the trial in its config
@@ -36,6 +36,13 @@ def distribution(param: SearchParam) -> BaseDistribution:
     return FloatDistribution(param.low, param.high, log=param.kind == "loguniform")
 
 
+def sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
+    """TPE, or a grid: Optuna trial n takes grid point n (a fixed order), so each point runs once."""
+    if cfg.sampler == "grid":
+        return optuna.samplers.GridSampler({n: list(p.values) for n, p in cfg.space.items()}, seed=cfg.seed)
+    return optuna.samplers.TPESampler(seed=cfg.seed)
+
+
 def load_study(cfg: SearchConfig) -> optuna.Study:
     """The sweep's study (read-only use: summaries, tests, the README's inspection commands)."""
     return optuna.load_study(study_name=cfg.study_name, storage=storage(cfg.storage))
@@ -59,7 +66,7 @@ class StudySearch(OptunaSearch):
             space={name: distribution(p) for name, p in cfg.space.items()},
             metric=cfg.metric, mode=cfg.direction,
             points_to_evaluate=[dict(p) for p in cfg.points_to_evaluate] if fresh else None,
-            sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+            sampler=sampler(cfg),
             study_name=cfg.study_name, storage=storage(cfg.storage))
         self._tracker = tracker
 

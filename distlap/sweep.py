@@ -1,4 +1,4 @@
-"""The layer-wise sweep: Ray Tune trials, searched by Optuna, tracked in MLflow, resumable.
+"""A sweep (layer-wise, or PEFT methods): Ray Tune trials, searched by Optuna, tracked in MLflow, resumable.
 
 ``run_sweep(cfg)``: output folder -> Ray (local, or the cluster at ``cfg.address``) -> MLflow parent
 run -> ``Tuner`` (one placement group per trial: its own bundle plus child bundles for the subset
@@ -24,16 +24,31 @@ from distlap.config import to_yaml
 from distlap.provenance import provenance
 from distlap.search import RUN_ID_KEY, StudySearch, load_study
 from distlap.sweep_config import SweepConfig, load_sweep_config, max_concurrent
-from distlap.sweep_trial import layerwise_trial
+from distlap.sweep_trial import TRAINABLES
 from distlap.tracking import SweepTracker, flatten, provenance_tags
 from distlap.trial import RESULT_FILE
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.csv"
 RAY_DIR = "ray_results"
-SUMMARY_METRICS = ("map/val/nll", "map/test/accuracy", "map/test/ece", "bayes/val/nll", "bayes/test/accuracy",
-                   "bayes/test/ece", "delta_ece", "best_subset", "prior_precision", "tuned_params_pct",
-                   "time_per_epoch_s", "wall_time_s")
+_LAPLACE = ("bayes/val/nll", "bayes/test/accuracy", "bayes/test/ece", "delta_ece")
+_COSTS = ("tuned_params_pct", "time_per_epoch_s", "wall_time_s")
+
+
+def summary_metrics(cfg: SweepConfig) -> tuple[str, ...]:
+    """The trial metrics of ``summary.csv`` (and the sweep run's ``best/*``) for this kind of sweep."""
+    if cfg.kind == "layerwise":
+        return ("map/val/nll", "map/test/accuracy", "map/test/ece", *_LAPLACE, "best_subset",
+                "prior_precision", *_COSTS)
+    return ("map/val/nll", "map/test/accuracy", "map/test/ece", "map/test/nll", "map/test/brier",
+            *(_LAPLACE if cfg.laplace else ()), "tuned_params", *_COSTS)
+
+
+def _printed(cfg: SweepConfig) -> list[str]:
+    if cfg.kind == "layerwise":
+        return ["objective", "bayes/test/ece", "delta_ece", "best_subset"]
+    return ["map/test/accuracy", "map/test/ece", *(["delta_ece"] if cfg.laplace else []), "tuned_params_pct",
+            "time_per_epoch_s"]
 
 
 _STATUS = {optuna.trial.TrialState.COMPLETE: "ok", optuna.trial.TrialState.FAIL: "failed",
@@ -133,7 +148,7 @@ def trial_resources(cfg: SweepConfig) -> tune.PlacementGroupFactory:
 
 
 def _tuner(cfg: SweepConfig, tracker: SweepTracker, concurrency: int, resume: bool) -> tune.Tuner:
-    trainable = tune.with_resources(tune.with_parameters(layerwise_trial, sweep=cfg), trial_resources(cfg))
+    trainable = tune.with_resources(tune.with_parameters(TRAINABLES[cfg.kind], sweep=cfg), trial_resources(cfg))
     experiment = cfg.out / RAY_DIR / cfg.name
     if resume and tune.Tuner.can_restore(experiment):
         return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False)
@@ -170,16 +185,16 @@ def summarize(cfg: SweepConfig) -> pd.DataFrame:
 
     Built from the study (the sweep's own count of trials) and each trial's ``trial_result.json``.
     """
-    rows = []
+    rows, summary_keys = [], summary_metrics(cfg)
     for t in load_study(cfg.search).trials:
         ray_id = t.user_attrs.get("ray_trial_id")
         result_file = cfg.out / "trials" / str(ray_id) / RESULT_FILE
         metrics = json.loads(result_file.read_text())["metrics"] if result_file.is_file() else {}
         rows.append({"optuna_trial": t.number, "trial_id": ray_id,
                      "status": _STATUS.get(t.state, "unfinished"),
-                     **t.params, "objective": t.value, **{m: metrics.get(m) for m in SUMMARY_METRICS},
+                     **t.params, "objective": t.value, **{m: metrics.get(m) for m in summary_keys},
                      "mlflow_run_id": t.user_attrs.get(RUN_ID_KEY), "error": t.user_attrs.get("error")})
-    columns = ["optuna_trial", "trial_id", "status", *cfg.search.space, "objective", *SUMMARY_METRICS,
+    columns = ["optuna_trial", "trial_id", "status", *cfg.search.space, "objective", *summary_keys,
                "mlflow_run_id", "error"]
     return pd.DataFrame(rows, columns=columns)  # the same columns when interrupted before any trial
 
@@ -189,14 +204,13 @@ def _sweep_metrics(cfg: SweepConfig, summary: pd.DataFrame) -> dict[str, float]:
     metrics = {"n_trials": len(summary), "n_ok": len(ok), "n_failed": int((summary.status == "failed").sum())}
     if len(ok):
         best = ok.objective.idxmin() if cfg.search.direction == "min" else ok.objective.idxmax()
-        metrics.update({f"best/{k}": ok.loc[best, k] for k in ("objective", *SUMMARY_METRICS)
+        metrics.update({f"best/{k}": ok.loc[best, k] for k in ("objective", *summary_metrics(cfg))
                         if isinstance(ok.loc[best, k], int | float)})
     return metrics
 
 
 def _print_summary(cfg: SweepConfig, summary: pd.DataFrame, done: bool, log) -> None:
-    columns = ["optuna_trial", "status", *cfg.search.space, "objective", "bayes/test/ece", "delta_ece",
-               "best_subset"]
+    columns = ["optuna_trial", "status", *cfg.search.space, *_printed(cfg)]
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         log(summary[columns].to_string(index=False))
     log(f"[sweep] objective {cfg.search.metric} ({cfg.search.direction}); summary {cfg.out / SUMMARY_FILE}")
@@ -204,4 +218,4 @@ def _print_summary(cfg: SweepConfig, summary: pd.DataFrame, done: bool, log) -> 
     log(f"[sweep] optuna trials --storage {cfg.search.storage} --study-name {cfg.search.study_name}")
     if not done:
         log(f"[sweep] interrupted after {len(summary)} of {cfg.search.num_samples} trials started; "
-            f"continue with: python sweeps/layerwise.py --resume --output {cfg.out}")
+            f"continue with: python sweeps/{cfg.kind}.py --resume --output {cfg.out}")

@@ -1,10 +1,13 @@
-"""Validated settings of a layer-wise sweep: the base trial, the search space, resources, tracking.
+"""Validated settings of a sweep: the base trial, the search space, resources, tracking.
 
 A :class:`SweepConfig` embeds the :class:`~distlap.config.TrialConfig` every trial starts from; the
-searched settings (``search.space``, dotted trial paths such as ``train.prior_precision``) are
-overridden per trial. Everything is checked here, before Ray starts: unknown keys, bad values, search
-ranges whose ends are not valid trial settings, an objective that is not on the validation split,
-resources that cannot hold one trial.
+searched settings (``search.space``, dotted trial paths such as ``train.prior_precision``, plus the
+special ``setting``, which picks one of the named bundles in ``settings``) are overridden per trial.
+``kind`` says what a trial does after fine-tuning: ``layerwise`` (Laplace over every layer subset) or
+``peft_methods`` (the MAP metrics, and optionally the Laplace predictive of all tuned parameters).
+``search.sampler`` is Optuna's TPE or a full grid. Everything is checked here, before Ray starts:
+unknown keys, bad values, search ranges whose ends are not valid trial settings, an objective that is
+not on the validation split, resources that cannot hold one trial.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pydantic import Field, field_validator, model_validator
 from distlap.config import ConfigError, TrialConfig, _Strict, build, deep_merge, parse_overrides, read_yaml
 
 METRICS = ("accuracy", "ece", "mce", "nll", "brier")
+SETTING = "setting"   # the search key that picks a named bundle of trial settings (SweepConfig.settings)
 
 
 class SearchParam(_Strict):
@@ -53,10 +57,13 @@ def _default_space() -> dict[str, SearchParam]:
 
 
 class SearchConfig(_Strict):
-    """Optuna (TPE) over the trial settings in ``space``, selecting on a validation-split metric."""
+    """Optuna over the trial settings in ``space``: TPE selecting on a validation-split metric, or a grid."""
 
     space: dict[str, SearchParam] = Field(
         default_factory=_default_space, description="Dotted trial setting -> its distribution.")
+    sampler: Literal["tpe", "grid"] = Field(
+        "tpe", description="tpe: Optuna's TPE; grid: every combination of the `choice` values, once each "
+        "(num_samples defaults to the grid's size).")
     metric: str = Field(
         "bayes/val/nll", description="Objective: {bayes,map}/val/{accuracy,ece,mce,nll,brier}; bayes = "
         "the Laplace predictive with every block stochastic (subset 'all'). Never a test metric.")
@@ -102,6 +109,27 @@ class SearchConfig(_Strict):
         if v not in allowed:
             raise ValueError(f"{v!r} is not a validation-split objective; use one of {', '.join(allowed)}")
         return v
+
+    @model_validator(mode="after")
+    def _grid(self) -> SearchConfig:
+        if self.sampler != "grid":
+            return self
+        ranges = [name for name, p in self.space.items() if p.kind != "choice"]
+        if ranges:
+            raise ValueError(f"search.sampler=grid needs kind=choice for every setting; {', '.join(ranges)} "
+                             "are ranges")
+        if self.points_to_evaluate:
+            raise ValueError("search.sampler=grid evaluates every point already; drop points_to_evaluate")
+        if "num_samples" not in self.model_fields_set:
+            object.__setattr__(self, "num_samples", self.grid_size)  # frozen model, still validating
+        elif self.num_samples != self.grid_size:
+            raise ValueError(f"search.num_samples={self.num_samples} but the grid has {self.grid_size} "
+                             "points; drop search.num_samples (a grid runs each point once)")
+        return self
+
+    @property
+    def grid_size(self) -> int:
+        return math.prod(len(p.values) for p in self.space.values())
 
     @property
     def direction(self) -> Literal["min", "max"]:
@@ -154,8 +182,19 @@ class TrackingConfig(_Strict):
 
 
 class SweepConfig(_Strict):
-    """A layer-wise sweep. ``trial`` is the base trial; ``search.space`` names what varies."""
+    """A sweep. ``trial`` is the base trial; ``search.space`` names what varies."""
 
+    kind: Literal["layerwise", "peft_methods"] = Field(
+        "layerwise", description="What a trial does after fine-tuning. layerwise: one Laplace fit and "
+        "every layer subset evaluated; peft_methods: the MAP metrics of the PEFT method (and with "
+        "`laplace`, the Laplace predictive over all its tuned block parameters).")
+    laplace: bool = Field(
+        False, description="peft_methods only: also fit Laplace over the method's tuned parameters "
+        "(trial.laplace settings; LayerNorm parameters need diag) and report bayes/* metrics.")
+    settings: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Named bundles of trial settings (nested, as under `trial`), "
+        "e.g. {vit_tiny_cifar10: {backbone: {name: ...}, data: {dataset: cifar10}, train: {epochs: 1}}}; "
+        "the search key `setting` (a choice of these names) applies one per trial.")
     name: str = Field("layerwise", description="Sweep name: Ray experiment and MLflow parent run name.")
     output_dir: str | None = Field(
         None, description="Folder holding config.yaml, mlflow.db, optuna.db, ray_results/, trials/, "
@@ -167,6 +206,16 @@ class SweepConfig(_Strict):
     search: SearchConfig = SearchConfig()
     resources: ResourcesConfig = ResourcesConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_after_kind(cls, raw: Any) -> Any:
+        """Unless given: sweep name = kind, MLflow experiment = distlap-<kind> (distlap-peft-methods)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("tracking", {}), dict):
+            return raw
+        kind = raw.get("kind", "layerwise")
+        tracking = {"experiment": f"distlap-{str(kind).replace('_', '-')}", **(raw.get("tracking") or {})}
+        return {"name": kind, **raw, "tracking": tracking}
 
     @field_validator("name")
     @classmethod
@@ -185,9 +234,25 @@ class SweepConfig(_Strict):
 # --- loading -------------------------------------------------------------------------------------
 
 def trial_config(cfg: SweepConfig, params: dict[str, Any], **extra: Any) -> TrialConfig:
-    """The base trial with searched ``params`` ({"peft.rank": 4, ...}) and top-level ``extra`` applied."""
-    raw = deep_merge(cfg.trial.model_dump(), _nest(params))
-    return build(TrialConfig, {**raw, **extra})
+    """The base trial, then the named ``setting`` bundle if searched, then the other searched ``params``
+    ({"peft.rank": 4, ...}), then top-level ``extra``."""
+    params = dict(params)
+    update = deep_merge(cfg.settings[params.pop(SETTING)] if SETTING in params else {}, _nest(params))
+    return build(TrialConfig, {**_rebased(cfg.trial, update), **extra})
+
+
+def _rebased(base: TrialConfig, update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` merged in. Classes the base got from its tiny backbone's recipe (its
+    downstream classes) are derived afresh when the update names another backbone or data set."""
+    from distlap.backbones import TINY_BACKBONES
+
+    raw = deep_merge(base.model_dump(), update)
+    recipe = TINY_BACKBONES.get(base.backbone.name)
+    moved = (raw["backbone"]["name"], raw["data"]["dataset"]) != (base.backbone.name, base.data.dataset)
+    derived = recipe is not None and base.data.classes == list(recipe.downstream_classes)
+    if moved and derived and "classes" not in update.get("data", {}):
+        raw["data"]["classes"] = None
+    return raw
 
 
 def _nest(params: dict[str, Any]) -> dict[str, Any]:
@@ -207,7 +272,13 @@ def check(cfg: SweepConfig) -> SweepConfig:
     if cfg.trial.output_dir is not None:
         problems.append("trial.output_dir: set the sweep's output_dir instead (each trial writes to "
                         "<output_dir>/trials/<trial id>)")
+    problems += _kind_problems(cfg)
     for name, param in cfg.search.space.items():
+        unknown = [v for v in param.ends() if name == SETTING and v not in cfg.settings]
+        if unknown:
+            problems.append(f"search.space.{SETTING}: {unknown} not among the named settings "
+                            f"{sorted(cfg.settings)}")
+            continue
         for value in param.ends():
             try:
                 trial_config(cfg, {name: value})
@@ -230,6 +301,21 @@ def check(cfg: SweepConfig) -> SweepConfig:
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return cfg
+
+
+def _kind_problems(cfg: SweepConfig) -> list[str]:
+    problems = []
+    if cfg.laplace and cfg.kind != "peft_methods":
+        problems.append("laplace: only for kind=peft_methods (a layerwise sweep always fits Laplace)")
+    if cfg.kind == "peft_methods" and not cfg.laplace and cfg.search.metric.startswith("bayes/"):
+        problems.append(f"search.metric={cfg.search.metric}: kind=peft_methods without laplace=true has "
+                        "only map/* metrics (e.g. map/val/accuracy)")
+    if cfg.settings and SETTING not in cfg.search.space:
+        problems.append(f"settings: named but never used; add search.space.{SETTING} "
+                        f"(kind: choice, values: {sorted(cfg.settings)})")
+    if SETTING in cfg.search.space and cfg.search.space[SETTING].kind != "choice":
+        problems.append(f"search.space.{SETTING}: must be kind=choice over the names in `settings`")
+    return problems
 
 
 def _one_line(err: ConfigError) -> str:

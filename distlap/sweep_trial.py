@@ -1,8 +1,9 @@
-"""One Ray Tune trial of the layer-wise sweep, run inside a Ray worker.
+"""One Ray Tune trial of a sweep, run inside a Ray worker.
 
 fine-tune (or restore the post-fine-tuning checkpoint of an earlier attempt) -> checkpoint ->
-fit Laplace once and evaluate every layer subset (in-process, or as Ray tasks in the trial's child
-bundles) -> log the trial and its subsets to MLflow -> ``tune.report`` the objective.
+``kind=layerwise``: fit Laplace once and evaluate every layer subset (in-process, or as Ray tasks in
+the trial's child bundles); ``kind=peft_methods``: the MAP metrics (and with ``laplace``, the
+Laplace predictive of all tuned block parameters) -> log to MLflow -> ``tune.report`` the metrics.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from distlap.search import RUN_ID_KEY
 from distlap.sweep_config import SweepConfig, trial_config
 from distlap.tracking import TrialRun, flatten, provenance_tags
 from distlap.train import TrainResult
-from distlap.trial import FineTuned, fine_tune, write_trial
+from distlap.trial import FineTuned, evaluate_map, fine_tune, write_trial
 
 HISTORY_FILE = "history.json"
 ADAPTER_DIR = "adapter"
@@ -36,7 +37,22 @@ class TrialFailed(RuntimeError):
 
 
 def layerwise_trial(config: dict, sweep: SweepConfig) -> None:
-    """Ray Tune function trainable; ``config`` = the searched settings + the MLflow run id."""
+    """Ray Tune function trainable of ``kind=layerwise``; ``config`` = searched settings + MLflow run id."""
+    _run(config, sweep, layer_subsets=None)
+
+
+def peft_methods_trial(config: dict, sweep: SweepConfig) -> None:
+    """Ray Tune function trainable of ``kind=peft_methods``: the MAP metrics of the trial's PEFT method,
+    and with ``sweep.laplace`` the Laplace predictive over all its tuned block parameters."""
+    _run(config, sweep, layer_subsets=("all",) if sweep.laplace else ())
+
+
+TRAINABLES = {"layerwise": layerwise_trial, "peft_methods": peft_methods_trial}
+
+
+def _run(config: dict, sweep: SweepConfig, layer_subsets: tuple[str, ...] | None) -> None:
+    """Fine-tune (or restore), then Laplace over ``layer_subsets`` (None = all of them, () = no
+    Laplace), log to MLflow, write ``trial_result.json`` and report the metrics to Tune."""
     start = time.perf_counter()
     _quiet_worker()
     trial_id = tune.get_context().get_trial_id()
@@ -52,14 +68,18 @@ def layerwise_trial(config: dict, sweep: SweepConfig) -> None:
         run.log(params={k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if k not in params},
                 tags=provenance_tags(provenance()))
         ft = _fine_tuned(cfg, run, log)
-        log("stage: Laplace fit and layer-subset evaluation")
-        eval_tasks = sweep.resources.eval_tasks
-        result = run_layerwise(ft, log=log, parallel=eval_tasks > 0,
-                               task_resources=sweep.resources.task_resources() if eval_tasks else None)
-        metrics = trial_metrics(ft, result, wall_time_s=time.perf_counter() - start)
+        if layer_subsets == ():
+            log("stage: MAP evaluation")
+            metrics = map_metrics(ft, wall_time_s=time.perf_counter() - start)
+        else:
+            log("stage: Laplace fit and layer-subset evaluation")
+            eval_tasks = sweep.resources.eval_tasks
+            result = run_layerwise(ft, log=log, parallel=eval_tasks > 0, only=layer_subsets,
+                                   task_resources=sweep.resources.task_resources() if eval_tasks else None)
+            metrics = trial_metrics(ft, result, wall_time_s=time.perf_counter() - start)
+            run.log_subsets(result, out / "plots")
+            run.log_artifact(out / RESULTS_FILE)
         run.log(metrics=metrics)
-        run.log_subsets(result, out / "plots")
-        run.log_artifact(out / RESULTS_FILE)
         write_trial(ft, {"status": "ok", "message": "", "metrics": metrics, "history": ft.train.history,
                          "config": cfg.model_dump(mode="json"), "provenance": provenance()}, out)
         log(f"stage: done, {sweep.search.metric} = {metrics[sweep.search.metric]:.4f}")
@@ -126,6 +146,16 @@ def restore_fine_tuned(cfg: TrialConfig, path: Path) -> FineTuned:
                      TrainResult(status="ok", history=history), tuned_params(peft_model), device)
 
 
+def _costs(ft: FineTuned, wall_time_s: float) -> dict:
+    return {"tuned_params": ft.tuned.trainable, "tuned_params_pct": ft.tuned.pct,
+            "time_per_epoch_s": ft.train.time_per_epoch_s, "wall_time_s": wall_time_s}
+
+
+def map_metrics(ft: FineTuned, *, wall_time_s: float) -> dict:
+    """The MAP's metrics on val and test (``map/test/ece``, ...) and the trial's costs."""
+    return {**{f"map/{k}": v for k, v in evaluate_map(ft).items()}, **_costs(ft, wall_time_s)}
+
+
 def trial_metrics(ft: FineTuned, result: dict, *, wall_time_s: float) -> dict:
     """What the trial reports: MAP and Bayesian ('all' subset) metrics on val and test, Delta-ECE, costs.
 
@@ -139,8 +169,7 @@ def trial_metrics(ft: FineTuned, result: dict, *, wall_time_s: float) -> dict:
     metrics.update({
         "delta_ece": ci["estimate"], "delta_ece_low": ci["low"], "delta_ece_high": ci["high"],
         "best_subset": ranked[0], "prior_precision": result["prior_precision"],
-        "tuned_params": ft.tuned.trainable, "tuned_params_pct": ft.tuned.pct,
-        "time_per_epoch_s": ft.train.time_per_epoch_s, "laplace_fit_s": result["timing"]["fit_s"],
-        "laplace_eval_s": result["timing"]["eval_s"], "wall_time_s": wall_time_s,
+        "laplace_fit_s": result["timing"]["fit_s"], "laplace_eval_s": result["timing"]["eval_s"],
+        **_costs(ft, wall_time_s),
     })
     return metrics

@@ -2,7 +2,7 @@
 (``python sweeps/layerwise.py`` in a subprocess, each with its own local Ray)."""
 
 import collections
-import importlib.util
+import functools
 import json
 import re
 import signal
@@ -17,6 +17,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from distlap import sweep_cli
 from distlap.config import load_config
 from distlap.search import RUN_ID_KEY, StudySearch, load_study
 from distlap.sweep_config import SweepConfig, load_sweep_config, resolve
@@ -30,10 +31,10 @@ SCRIPT = ROOT / "sweeps" / "layerwise.py"
 
 
 def _script_main():
-    spec = importlib.util.spec_from_file_location("layerwise_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    """``main(argv)`` of sweeps/layerwise.py."""
+    from analysis.report import build_report
+
+    return functools.partial(sweep_cli.main, "layerwise", build_report)
 
 
 # --- in-process ----------------------------------------------------------------------------------
@@ -112,6 +113,8 @@ def test_bad_input_fails_before_ray_starts(tmp_path, capsys):
     (tmp_path / "taken" / "config.yaml").write_text("name: x\n")
     assert main(["--smoke-test", f"--output={tmp_path / 'taken'}"]) == 2
     assert "already holds a sweep; continue it with --resume" in capsys.readouterr().err
+    assert main(["--config", str(ROOT / "sweeps" / "configs" / "peft_methods.yaml"), f"--output={tmp_path / 'c'}"]) == 2
+    assert "kind=peft_methods: this config is for sweeps/peft_methods.py" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--resume"])  # needs --output
     for address in ("ray://127.0.0.1:1", "127.0.0.1:1", "nonsense"):

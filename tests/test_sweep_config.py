@@ -116,3 +116,55 @@ def test_concurrency_follows_the_cluster():
     assert max_concurrent(vit, {"CPU": 64.0, "GPU": 3.0}) == 3
     with pytest.raises(ConfigError, match=r"one trial needs 8 CPUs and 1 GPUs .* has 2 CPUs and 0 GPUs"):
         max_concurrent(vit, {"CPU": 2.0})
+
+
+# --- kind=peft_methods: a grid over named settings -------------------------------------------------
+
+def test_peft_methods_configs_are_full_grids():
+    for name, size, settings in (("peft_methods", 12, 2), ("peft_methods_smoke", 6, 2),
+                                 ("peft_methods_cluster", 27, 3)):
+        cfg = load_sweep_config(CONFIGS / f"{name}.yaml")
+        assert (cfg.kind, cfg.search.sampler, cfg.laplace) == ("peft_methods", "grid", True)
+        assert cfg.search.num_samples == size == cfg.search.grid_size
+        assert cfg.search.space["peft.method"].values == ["norm", "lora", "hybrid"]
+        assert len(cfg.settings) == settings and cfg.tracking.experiment == "distlap-peft-methods"
+        assert cfg.name.startswith("peft_methods")
+    seed_settings = {(t.backbone.name, t.data.dataset, t.train.epochs) for t in (
+        trial_config(cfg, {"setting": s, "peft.method": "norm", "seed": 0}) for s in cfg.settings)}
+    assert seed_settings == {("facebook/deit-tiny-patch16-224", "cifar10", 1),
+                             ("facebook/deit-tiny-patch16-224", "cifar100", 5),
+                             ("facebook/deit-small-patch16-224", "cifar100", 10)}
+
+
+def test_settings_apply_before_searched_params_and_rederive_classes():
+    cfg = load_sweep_config(CONFIGS / "peft_methods_cluster.yaml")
+    trial = trial_config(cfg, {"setting": "vit_tiny_cifar100", "peft.method": "hybrid", "seed": 2})
+    assert (trial.peft.method, trial.seed, trial.train.epochs, trial.peft.rank) == ("hybrid", 2, 5, 16)
+    assert trial.data.classes is None  # all 100 classes, not the tiny default backbone's 5..9
+    default = load_sweep_config(CONFIGS / "peft_methods.yaml")
+    mini = trial_config(default, {"setting": "vit_mini_fmnist", "peft.method": "lora", "seed": 1})
+    assert (mini.backbone.name, mini.data.classes, mini.data.max_train) == ("distlap/vit-mini-fmnist",
+                                                                            [5, 6, 7, 8, 9], 3000)
+    kept = load_sweep_config(CONFIGS / "peft_methods.yaml", ["trial.data.classes=[5, 6]"])
+    assert trial_config(kept, {"setting": "vit_mini_fmnist", "peft.method": "lora", "seed": 0}
+                        ).data.classes == [5, 6]  # chosen by the user: kept
+
+
+@pytest.mark.parametrize("override, match", [
+    ("search.num_samples=5", r"search\.num_samples=5 but the grid has 12 points"),
+    ("search.space.train={prior_precision: {kind: loguniform, low: 1, high: 10}}",
+     r"sampler=grid needs kind=choice for every setting; train\.prior_precision"),
+    ("search.space.setting.values=[vit_tiny_fmnist, vit_huge]", r"search\.space\.setting: \['vit_huge'\] not among"),
+    ("settings.vit_mini_fmnist.peft.rank=0", r"search\.space\.setting: value 'vit_mini_fmnist' .*peft\.rank"),
+    ("search.space.setting=null", r"settings: named but never used"),
+    ("laplace=false;search.metric=bayes/val/nll", r"kind=peft_methods without laplace=true has only map"),
+])
+def test_bad_peft_methods_settings_name_the_field(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_sweep_config(CONFIGS / "peft_methods.yaml", override.split(";"))
+
+
+def test_laplace_flag_belongs_to_peft_methods():
+    assert not load_sweep_config(CONFIGS / "peft_methods.yaml", ["laplace=false"]).laplace  # MAP objective
+    with pytest.raises(ConfigError, match=r"laplace: only for kind=peft_methods"):
+        load_sweep_config(CONFIGS / "default.yaml", ["laplace=true"])

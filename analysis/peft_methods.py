@@ -1,0 +1,247 @@
+"""The report of a PEFT-methods sweep (Norm vs LoRA vs Hybrid per backbone and dataset).
+
+python analysis/peft_methods.py SWEEP_OUTPUT_DIR [--no-mlflow]
+
+Writes ``<output>/report/``: ``peft_methods.md`` (the tables under their setting titles, the cross-setting
+trends, the figures, failed or missing trials), one ``table_<backbone>_<dataset>.csv`` per setting
+(columns: :mod:`analysis.peft_tables`), ``trials.csv`` (every trial), the PNGs of
+:mod:`analysis.peft_figures` and ``report.html``; then logs the folder to the sweep's MLflow parent run.
+Tables: :mod:`analysis.peft_tables`; :func:`trends` is computed from them, never written by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import mlflow_io, page, peft_figures
+from analysis.collect import ReportError
+from analysis.peft_tables import (METHODS, by_setting, consolidated_tables, decimals, load_sweep,
+                                  method_summary, numeric_tables, setting_file, table_captions)
+from distlap.sweep_config import SweepConfig
+
+REPORT_DIR = "report"
+MARKDOWN, TRIALS_TABLE, HTML = "peft_methods.md", "trials.csv", "report.html"
+
+
+# --- cross-setting trends ------------------------------------------------------------------------
+
+def trends(trials: pd.DataFrame) -> list[str]:
+    """The cross-setting trends: per setting the accuracy and calibration winners with their margins
+    against the seed std; whether the method rankings agree across settings; Tuned Params % per
+    method; the accuracy-per-tuned-parameter winner."""
+    summary = method_summary(trials)
+    settings = by_setting(summary)
+    lines = [_winners(rows) for rows in settings.values()]
+    lines += _rankings(settings)
+    lines.append(_params_span(summary, across=len(settings) > 1))
+    lines.append(_efficiency(settings, summary))
+    return lines
+
+
+def _noise(margin: float, std_a: float, std_b: float, fmt: str, unit: str) -> str:
+    stds = [s for s in (std_a, std_b) if not math.isnan(s)]
+    if not stds:
+        return "one seed, noise not measured"
+    std = max(stds)
+    if margin > std:
+        return f"above the seed std of {std:{fmt}}{unit}"
+    return f"within seed noise, std {std:{fmt}}{unit}"
+
+
+def _winners(rows: pd.DataFrame) -> str:
+    title = rows["title"].iloc[0]
+    if len(rows) == 1:
+        row = rows.iloc[0]
+        return (f"{title}: only {row['Method']} ran (Acc@1 {row['acc1']:.2f}%, ECE {row['ece']:.3f}); "
+                "no comparison.")
+    acc = rows.sort_values("acc1", ascending=False, kind="stable")
+    ece = rows.sort_values("ece", kind="stable")
+    accuracy = _lead(acc.iloc[0], acc.iloc[1], "acc1", "highest accuracy", "accuracy", ".2f", "%", " pp")
+    calibration = _lead(ece.iloc[0], ece.iloc[1], "ece", "lowest ECE", "ECE", ".3f", "", "")
+    return f"{title}: {accuracy}; {calibration}."
+
+
+def _lead(best: pd.Series, second: pd.Series, metric: str, wins: str, name: str, fmt: str, unit: str,
+          gap_unit: str) -> str:
+    """"highest accuracy LoRA (96.10% vs 94.50% for Norm, 1.60 pp higher, <noise>)", or a tie."""
+    margin = abs(best[metric] - second[metric])
+    if margin == 0:
+        return f"{name} tied between {best['Method']} and {second['Method']} ({best[metric]:{fmt}}{unit})"
+    way = "higher" if metric == "acc1" else "lower"
+    noise = _noise(margin, best[f"{metric}_std"], second[f"{metric}_std"], fmt, gap_unit)
+    return (f"{wins} {best['Method']} ({best[metric]:{fmt}}{unit} vs {second[metric]:{fmt}}{unit} for "
+            f"{second['Method']}, {margin:{fmt}}{gap_unit} {way}, {noise})")
+
+
+def _ranking(rows: pd.DataFrame, metric: str, descending: bool) -> str:
+    ordered = rows.sort_values(metric, ascending=not descending, kind="stable")["Method"]
+    return (" > " if descending else " < ").join(ordered)
+
+
+def _rankings(settings: dict[tuple, pd.DataFrame]) -> list[str]:
+    if len(settings) == 1:
+        rows = next(iter(settings.values()))
+        return [f"Only one setting ({rows['title'].iloc[0]}): accuracy ranking "
+                f"{_ranking(rows, 'acc1', True)}, ECE ranking (lowest first) {_ranking(rows, 'ece', False)}; "
+                "no cross-setting comparison."]
+    lines = []
+    for name, metric, descending in (("Accuracy ranking", "acc1", True),
+                                     ("ECE ranking (lowest first)", "ece", False)):
+        ranks: dict[str, list[str]] = {}
+        for rows in settings.values():
+            ranks.setdefault(_ranking(rows, metric, descending), []).append(rows["title"].iloc[0])
+        if len(ranks) == 1:
+            lines.append(f"{name} {next(iter(ranks))} in every setting (consistent across scales).")
+        else:
+            where = "; ".join(f"{rank} in {', '.join(titles)}" for rank, titles in ranks.items())
+            lines.append(f"{name} differs across settings: {where}.")
+    return lines
+
+
+def _span(values: pd.Series, digits: int) -> str:
+    lo, hi = f"{values.min():.{digits}f}", f"{values.max():.{digits}f}"
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def _per_method(summary: pd.DataFrame, metric: str, digits: int, unit: str = "") -> str:
+    return ", ".join(f"{METHODS[m]} {_span(summary.loc[summary['method'] == m, metric], digits)}{unit}"
+                     for m in METHODS if m in set(summary["method"]))
+
+
+def _params_span(summary: pd.DataFrame, *, across: bool) -> str:
+    digits = decimals(summary["tuned_params_pct"], sig=2, at_least=2)
+    return (f"Tuned Params % per method{' across settings' * across}: "
+            f"{_per_method(summary, 'tuned_params_pct', digits, '%')}.")
+
+
+def _efficiency(settings: dict[tuple, pd.DataFrame], summary: pd.DataFrame) -> str:
+    winners: dict[str, list[str]] = {}
+    for rows in settings.values():
+        best = rows.sort_values("acc_per_pct", ascending=False, kind="stable").iloc[0]
+        winners.setdefault(best["Method"], []).append(best["title"])
+    if len(winners) == 1 and len(settings) > 1:
+        where = f"{next(iter(winners))} in every setting"
+    else:
+        where = "; ".join(f"{m} in {', '.join(titles)}" for m, titles in winners.items())
+    return (f"Accuracy per tuned parameter (Acc@1 points per Tuned Params %) is highest for {where}: "
+            f"{_per_method(summary, 'acc_per_pct', 1)}.")
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+def build_peft_report(output_dir: str | Path, *, log_mlflow: bool = True, log=print) -> Path:
+    """Every report file for the sweep in ``output_dir`` into ``output_dir/report``; returns that folder.
+
+    :class:`ReportError` when the folder is not a sweep or no trial finished ok. A report that cannot
+    be logged to MLflow is still written (the reason is logged and listed in the report).
+    """
+    cfg, trials = load_sweep(output_dir)
+    report_dir = cfg.out / REPORT_DIR
+    _clear(report_dir)
+    summary = method_summary(trials)
+    tables, numeric, captions = consolidated_tables(trials), numeric_tables(trials), table_captions(trials)
+    for key, table in numeric.items():
+        table.to_csv(report_dir / setting_file(key), index=False)
+    trials.to_csv(report_dir / TRIALS_TABLE, index=False)
+    images = peft_figures.write_figures(summary, report_dir)
+    lines = trends(trials)
+    missing = _missing_lines(cfg, trials)
+    run_id = _parent_run(cfg, missing, log) if log_mlflow else None
+    title = f"PEFT methods sweep {cfg.name!r}"
+    titles = {key: rows["title"].iloc[0] for key, rows in by_setting(summary).items()}
+    markdown = _markdown(title, [(titles[k], captions[k], setting_file(k), t) for k, t in tables.items()],
+                         lines, images, missing, trials)
+    (report_dir / MARKDOWN).write_text(markdown, encoding="utf-8")
+    figs = [(name, path, peft_figures.FIGURES[name][1]) for name, path in images.items()]
+    html_tables = [(captions[key], table) for key, table in tables.items()] + [("Trials", trials)]
+    (report_dir / HTML).write_text(page.render(title, lines, figs, html_tables, missing), encoding="utf-8")
+    if run_id:
+        try:
+            mlflow_io.log_report(cfg.tracking.uri, run_id, report_dir)
+            log(f"[report] logged to MLflow run {run_id} under {mlflow_io.REPORT_ARTIFACTS}/")
+        except Exception as err:  # noqa: BLE001 -- the files are the report; MLflow holds a copy
+            log(f"[report] logging to MLflow run {run_id} failed: {err}")
+    for line in lines:
+        log(f"[report] {line}")
+    log(f"[report] {report_dir / MARKDOWN}")
+    return report_dir
+
+
+def _clear(report_dir: Path) -> None:
+    """Remove an earlier report's files, so nothing from a previous run survives."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    for old in [*report_dir.glob("*.png"), *report_dir.glob("table_*.csv"),
+                *(report_dir / n for n in (MARKDOWN, TRIALS_TABLE, HTML))]:
+        old.unlink(missing_ok=True)
+
+
+def _parent_run(cfg: SweepConfig, notes: list[str], log) -> str | None:
+    """The sweep's MLflow parent run id, or None (the reason logged and added to ``notes``)."""
+    try:
+        client = mlflow_io._client(cfg.tracking.uri)
+        experiment_id = mlflow_io._experiment_id(client, cfg.tracking.experiment)
+        return mlflow_io.parent_run(client, experiment_id, sweep_id=cfg.search.study_name).info.run_id
+    except Exception as err:  # noqa: BLE001 -- ReportError or an unreachable tracking server
+        log(f"[report] not logged to MLflow: {err}")
+        notes.append(f"not logged to MLflow: {err}")
+        return None
+
+
+def _missing_lines(cfg: SweepConfig, trials: pd.DataFrame) -> list[str]:
+    lines = []
+    for row in trials[trials["status"] != "ok"].itertuples():
+        what = ", ".join(str(v) for v in (METHODS.get(row.method, row.method), row.backbone, row.dataset)
+                         if isinstance(v, str))
+        seed = "" if pd.isna(row.seed) else f", seed {int(row.seed)}"
+        lines.append(f"trial #{row.optuna_trial} {row.trial_id} ({what or 'settings unknown'}{seed}): "
+                     f"{row.status}" + (f" ({row.message})" if isinstance(row.message, str) else ""))
+    if cfg.search.num_samples > len(trials):
+        lines.append(f"{cfg.search.num_samples - len(trials)} of {cfg.search.num_samples} planned trials "
+                     "not started")
+    return lines
+
+
+def _md_table(table: pd.DataFrame) -> str:
+    cells = [list(table.columns), ["---"] * table.shape[1], *table.astype(str).values.tolist()]
+    return "\n".join("| " + " | ".join(str(c) for c in row) + " |" for row in cells)
+
+
+def _markdown(title: str, tables: list[tuple[str, str, str, pd.DataFrame]], lines: list[str],
+              images: dict[str, Path], missing: list[str], trials: pd.DataFrame) -> str:
+    """``tables``: (setting title, caption, CSV file name, display table) per setting."""
+    ok = int((trials["status"] == "ok").sum())
+    parts = [f"# {title}", "", f"{ok} of {len(trials)} trials ok. Mean ± std over seeds (test split).",
+             "", "## Consolidated results"]
+    for setting, caption, csv, table in tables:
+        note = caption.removeprefix(f"{setting}: ")
+        parts += ["", f"### {setting}", "", note[0].upper() + note[1:] + ".", "", _md_table(table), "",
+                  f"CSV: [{csv}]({csv})"]
+    parts += ["", "## Cross-setting trends", "", *(f"- {line}" for line in lines), "", "## Figures", ""]
+    parts += [f"![{name}]({path.name})  \n{peft_figures.FIGURES[name][1]}\n" for name, path in images.items()]
+    if missing:
+        parts += ["## Failed or missing trials", "", *(f"- {m}" for m in missing), ""]
+    parts += [f"All trials: [{TRIALS_TABLE}]({TRIALS_TABLE}); page: [{HTML}]({HTML})", ""]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python analysis/peft_methods.py",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("sweep", type=Path, help="the sweep's output folder (its --output)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log the report to the parent run")
+    args = parser.parse_args(argv)
+    try:
+        build_peft_report(args.sweep, log_mlflow=not args.no_mlflow)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
