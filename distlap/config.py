@@ -84,11 +84,13 @@ class LaplaceConfig(_Strict):
 
     hessian_structure: Literal["diag", "kron"] = Field(
         "diag", description="Posterior precision structure (GGN). kron refuses LayerNorm parameters.")
-    backend: Literal["curvlinops", "asdl", "backpack"] = Field(
-        "curvlinops", description="laplace-torch curvature backend. curvlinops: the exact GGN diagonal "
-        "(equal to a naive per-example Jacobian reference, tested). asdl: ~7x faster on CPU, but its "
-        "diag treats a ViT's tokens as independent examples (off by up to ~50% per parameter on a tiny "
-        "ViT) and it cannot fit hybrid's LayerNorm copies; backpack refuses frozen parameters.")
+    backend: Literal["auto", "exact", "curvlinops", "asdl", "backpack"] = Field(
+        "auto", description="GGN curvature backend. auto: exact for diag, curvlinops for kron. exact: "
+        "distlap's exact GGN diagonal (distlap/curvature.py; Linear and LayerNorm parameters), as fast as "
+        "asdl. curvlinops: laplace-torch's exact path, 5-10x slower on CPU. asdl: its diag treats a ViT's "
+        "tokens as independent examples (off by up to ~50% per parameter on a tiny ViT) and it cannot "
+        "fit hybrid's LayerNorm copies. backpack refuses frozen parameters. Every diag backend but asdl "
+        "equals a naive per-example Jacobian reference (tests/test_curvature.py).")
     fit_examples: int | None = Field(
         1000, gt=0, description="Seeded subset of the training split the Hessian is fitted on; None = all.")
     batch_size: int = Field(32, gt=0, description="Batch size of the fit and of Jacobian passes.")
@@ -108,6 +110,20 @@ class LaplaceConfig(_Strict):
         "layer_0..layer_{L-1}, early, mid, late and all.")
     n_bootstrap: int = Field(1000, gt=0, description="Paired bootstrap resamples for the Delta-ECE CI.")
     eval_batch_size: int = Field(256, gt=0)
+
+    @model_validator(mode="after")
+    def _exact_is_diagonal(self) -> LaplaceConfig:
+        if self.backend == "exact" and self.hessian_structure != "diag":
+            raise ValueError("laplace.backend=exact computes the GGN diagonal only; for kron use "
+                             "laplace.backend=curvlinops (or auto)")
+        return self
+
+    @property
+    def curvature(self) -> str:
+        """The backend actually used (``auto`` resolved)."""
+        if self.backend != "auto":
+            return self.backend
+        return "exact" if self.hessian_structure == "diag" else "curvlinops"
 
 
 

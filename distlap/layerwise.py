@@ -115,7 +115,7 @@ def run_layerwise(ft, *, log=print, parallel: bool | None = None, task_resources
         probs = _predict_val(model, post, every, val_loader, device, la)
         return metrics.negative_log_likelihood(probs, ref.val_labels)
 
-    log(f"[distlap] fitting {la.hessian_structure} Laplace ({la.backend}) on "
+    log(f"[distlap] fitting {la.hessian_structure} Laplace ({la.curvature}) on "
         f"{min(la.fit_examples or 10**12, len(ft.splits.train))} training examples")
     fit_loader = fit_subset_loader(ft.splits.train, la, cfg.seed, ft.transform)
     posterior = build_posterior(model, cfg.peft.method, fit_loader, la, prior_precision=cfg.train.prior_precision,
@@ -135,7 +135,7 @@ def run_layerwise(ft, *, log=print, parallel: bool | None = None, task_resources
                 log(f"[distlap]   {_row_line(name, rows[name])}")
     result = {
         "prior_precision": posterior.prior_precision, "prior_method": posterior.prior_method,
-        "hessian_structure": la.hessian_structure, "backend": la.backend, "predictive": la.predictive,
+        "hessian_structure": la.hessian_structure, "backend": la.curvature, "predictive": la.predictive,
         "link_approx": la.link_approx if la.predictive == "glm" else None, "n_samples": la.n_samples,
         "n_params": posterior.n_params, "n_blocks": num_blocks(model), "fit_examples": posterior.fit_examples,
         "map": map_row(ref, cfg.n_bins), "subsets": rows,

@@ -28,8 +28,17 @@ from torch.utils.data import DataLoader, Subset
 from distlap.config import LaplaceConfig
 from distlap.layers import block_index
 
-# laplace-torch backend classes by config name.
-BACKENDS = {"asdl": "AsdlGGN", "curvlinops": "CurvlinopsGGN", "backpack": "BackPackGGN"}
+# laplace-torch backend classes by config name (``exact``: distlap.curvature.ExactDiagGGN).
+BACKENDS = {"exact": "ExactDiagGGN", "curvlinops": "CurvlinopsGGN", "asdl": "AsdlGGN", "backpack": "BackPackGGN"}
+
+
+def backend_class(name: str):
+    """The laplace-torch curvature backend class named ``name`` (a key of :data:`BACKENDS`)."""
+    if name == "exact":
+        from distlap.curvature import ExactDiagGGN
+        return ExactDiagGGN
+    from laplace import curvature
+    return getattr(curvature, BACKENDS[name])
 GRID = torch.logspace(-2, 4, 13)  # lambda grid of prior_method=gridsearch (13 points, 10^-2 .. 10^4)
 
 
@@ -101,7 +110,7 @@ def fit_laplace(model: nn.Module, names: Sequence[str], train_loader: DataLoader
     ``temperature = n / N``) so that it stands for the full training set, as the prior does.
     Runs in fp32 (bf16 + kron exits the process silently) and leaves ``requires_grad`` as it found it.
     """
-    if cfg.backend == "asdl" and any("modules_to_save" in n for n in names):
+    if cfg.curvature == "asdl" and any("modules_to_save" in n for n in names):
         raise ValueError("laplace.backend=asdl cannot fit the LayerNorm copies peft makes for "
                          "peft.method=hybrid (ModulesToSaveWrapper); use laplace.backend=curvlinops or "
                          "laplace.include_norms=false")
@@ -114,12 +123,11 @@ def fit_laplace(model: nn.Module, names: Sequence[str], train_loader: DataLoader
             # asdl's torch.jit.script and backward-hook deprecations are laplace-torch's, not the user's.
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\..*")
             import laplace
-            from laplace import curvature
 
             # A new Laplace object after changing requires_grad: it reads the trainable set at construction.
             la = laplace.Laplace(model, "classification", subset_of_weights="all",
                                  hessian_structure=cfg.hessian_structure,
-                                 backend=getattr(curvature, BACKENDS[cfg.backend]),
+                                 backend=backend_class(cfg.curvature),
                                  prior_precision=prior_precision,
                                  temperature=len(train_loader.dataset) / (n_train or len(train_loader.dataset)))
             la.fit(train_loader, progress_bar=False)
