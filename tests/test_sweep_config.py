@@ -121,7 +121,7 @@ def test_concurrency_follows_the_cluster():
 # --- kind=peft_methods: a grid over named settings -------------------------------------------------
 
 def test_peft_methods_configs_are_full_grids():
-    for name, size, settings in (("peft_methods", 12, 2), ("peft_methods_smoke", 6, 2),
+    for name, size, settings in (("peft_methods", 18, 2), ("peft_methods_smoke", 6, 2),
                                  ("peft_methods_cluster", 27, 3)):
         cfg = load_sweep_config(CONFIGS / f"{name}.yaml")
         assert (cfg.kind, cfg.search.sampler, cfg.laplace) == ("peft_methods", "grid", True)
@@ -144,7 +144,7 @@ def test_settings_apply_before_searched_params_and_rederive_classes():
     default = load_sweep_config(CONFIGS / "peft_methods.yaml")
     mini = trial_config(default, {"setting": "vit_mini_fmnist", "peft.method": "lora", "seed": 1})
     assert (mini.backbone.name, mini.data.classes, mini.data.max_train) == ("distlap/vit-mini-fmnist",
-                                                                            [5, 6, 7, 8, 9], 3000)
+                                                                            [5, 6, 7, 8, 9], 5000)
     kept = load_sweep_config(CONFIGS / "peft_methods.yaml", ["trial.data.classes=[5, 6]"])
     assert trial_config(kept, {"setting": "vit_mini_fmnist", "peft.method": "lora", "seed": 0}
                         ).data.classes == [5, 6]  # chosen by the user: kept
