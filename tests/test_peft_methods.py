@@ -3,6 +3,7 @@ grid of 3 methods x 2 tiny backbones on a local Ray), then its summary, trial fi
 the report: the consolidated tables' columns, the tuned-parameter share against peft's own count of
 the saved adapters, and the composite plots."""
 
+import collections
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from peft import PeftModel
 from analysis.peft_figures import FIGURES
 from analysis.peft_tables import COLUMNS
 from distlap.backbones import load_backbone
+from distlap.tracking import KIND_TAG, SUBSET_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -101,7 +103,12 @@ def test_report_draws_the_composite_plots(sweep_dir):
 def test_sweep_and_trials_are_tracked_in_mlflow(sweep_dir, summary):
     client = MlflowClient(f"sqlite:///{sweep_dir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("distlap-peft-methods")
-    runs = client.search_runs([experiment.experiment_id])
-    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    runs = collections.defaultdict(list)
+    for run in client.search_runs([experiment.experiment_id]):
+        runs[run.data.tags[KIND_TAG]].append(run)
+    (sweep,), trials, subsets = runs["sweep"], runs["trial"], runs["subset"]
     assert len(trials) == 6 and all(r.info.status == "FINISHED" for r in trials)
+    assert all(r.data.tags["mlflow.parentRunId"] == sweep.info.run_id for r in trials)
     assert {r.data.metrics["tuned_params_pct"] for r in trials} == set(summary.tuned_params_pct)
+    assert sorted(r.data.tags[SUBSET_TAG] for r in subsets) == ["all"] * 6  # laplace: true
+    assert any(a.path == "report" for a in client.list_artifacts(sweep.info.run_id))

@@ -17,11 +17,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from distlap import sweep_cli
+from distlap import metrics, sweep_cli
 from distlap.config import load_config
 from distlap.search import RUN_ID_KEY, StudySearch, load_study
 from distlap.sweep_config import SweepConfig, load_sweep_config, resolve
-from distlap.sweep_trial import restore_fine_tuned, save_fine_tuned, trial_metrics
+from distlap.sweep_trial import map_metrics, restore_fine_tuned, save_fine_tuned, trial_metrics
 from distlap.tracking import KIND_TAG, TRIAL_TAG, SweepTracker, TrialRun
 from distlap.train import predict
 from distlap.trial import fine_tune
@@ -52,6 +52,13 @@ def test_restored_checkpoint_is_the_fine_tuned_model(fake_fmnist_dir, tiny_vit_d
     assert back.tuned == ft.tuned and back.train.history == ft.train.history
     trainable = lambda m: sorted(n for n, p in m.named_parameters() if p.requires_grad)  # noqa: E731
     assert trainable(back.model) == trainable(ft.model)  # what Laplace will see
+    # peft_methods without Laplace reports the MAP predictive itself and the method's costs
+    m = map_metrics(back, wall_time_s=1.0)
+    probs, labels = predict(back.model, back.loader("test"), back.device)
+    assert m["map/test/accuracy"] == pytest.approx((probs.argmax(-1) == labels).float().mean().item())
+    assert m["map/test/nll"] == pytest.approx(metrics.negative_log_likelihood(probs, labels))
+    assert {"map/val/ece", "map/test/brier", "tuned_params", "time_per_epoch_s"} <= set(m)
+    assert (m["tuned_params"], m["tuned_params_pct"]) == (ft.tuned.trainable, ft.tuned.pct)
 
 
 def test_trial_metrics_vocabulary():

@@ -151,7 +151,7 @@ def test_settings_apply_before_searched_params_and_rederive_classes():
 
 
 @pytest.mark.parametrize("override, match", [
-    ("search.num_samples=5", r"search\.num_samples=5 but the grid has 12 points"),
+    ("search.num_samples=5", r"search\.num_samples=5 but the grid has 18 points"),
     ("search.space.train={prior_precision: {kind: loguniform, low: 1, high: 10}}",
      r"sampler=grid needs kind=choice for every setting; train\.prior_precision"),
     ("search.space.setting.values=[vit_tiny_fmnist, vit_huge]", r"search\.space\.setting: \['vit_huge'\] not among"),
