@@ -73,17 +73,23 @@ class SweepData:
 def load_folder(path: str | Path) -> SweepData:
     """Read the sweep output folder ``path``; :class:`ReportError` if it is not one or has no results."""
     out = Path(path).expanduser().resolve()
+    cfg = folder_config(out)
+    study = open_study(cfg.search)
+    trials = _with_trial_files(summarize(cfg), out / "trials", cfg)
+    results = {tid: read_json(out / "trials" / tid / RESULTS_FILE) for tid in trials.trial_id}
+    data = SweepData(name=cfg.name, source=f"sweep folder {out}", search=cfg.search, trials=trials,
+                     results={tid: r for tid, r in results.items() if r is not None}, study=study,
+                     output_dir=out, tracking_uri=cfg.tracking.uri, experiment=cfg.tracking.experiment)
+    return check_has_results(data)
+
+
+def folder_config(out: Path) -> SweepConfig:
+    """The config saved in the sweep folder ``out``, pointing at ``out`` (output folder, and its Optuna
+    and MLflow SQLite files when the folder was moved); :class:`ReportError` if ``out`` is no sweep."""
     cfg = _sweep_config(out)
     search = cfg.search.model_copy(update={"storage": _local_sqlite(cfg.search.storage, out)})
-    study = open_study(search)
-    trials = summarize(cfg.model_copy(update={"search": search, "output_dir": str(out)}))
-    trials = _with_trial_files(trials, out / "trials", cfg)
-    results = {tid: read_json(out / "trials" / tid / RESULTS_FILE) for tid in trials.trial_id}
-    data = SweepData(name=cfg.name, source=f"sweep folder {out}", search=search, trials=trials,
-                     results={tid: r for tid, r in results.items() if r is not None}, study=study,
-                     output_dir=out, tracking_uri=_local_sqlite(cfg.tracking.uri, out),
-                     experiment=cfg.tracking.experiment)
-    return check_has_results(data)
+    tracking = cfg.tracking.model_copy(update={"uri": _local_sqlite(cfg.tracking.uri, out)})
+    return cfg.model_copy(update={"search": search, "tracking": tracking, "output_dir": str(out)})
 
 
 def check_has_results(data: SweepData) -> SweepData:

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import page
-from analysis.collect import ReportError, _local_sqlite, _sweep_config, open_study, read_json
+from analysis.collect import ReportError, folder_config, open_study, read_json
 from distlap.sweep import summarize
 from distlap.sweep_config import SweepConfig, trial_config
 from distlap.trial import RESULT_FILE
@@ -57,13 +57,8 @@ def load_peft_trials(output_dir: str | Path) -> pd.DataFrame:
 def load_sweep(output_dir: str | Path) -> tuple[SweepConfig, pd.DataFrame]:
     """The sweep's config (storage and tracking URI fixed for a moved folder) and its trial rows."""
     out = Path(output_dir).expanduser().resolve()
-    cfg = _sweep_config(out)
-    search = cfg.search.model_copy(update={
-        "storage": _local_sqlite(cfg.search.storage or f"sqlite:///{out / 'optuna.db'}", out),
-        "study_name": cfg.search.study_name or out.name})
-    tracking = cfg.tracking.model_copy(update={
-        "uri": _local_sqlite(cfg.tracking.uri or f"sqlite:///{out / 'mlflow.db'}", out)})
-    cfg = cfg.model_copy(update={"search": search, "tracking": tracking, "output_dir": str(out)})
+    cfg = folder_config(out)
+    search = cfg.search
     open_study(search)  # ReportError naming a missing or unreadable study
     try:
         known = summarize(cfg)

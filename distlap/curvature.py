@@ -91,13 +91,13 @@ class ExactDiagGGN(CurvatureInterface):
         p = torch.softmax(f.detach().float(), dim=-1)                       # (B, C)
         root = p.sqrt()
         s = torch.diag_embed(root) - p[:, :, None] * root[:, None, :]       # (B, C, C): S S^T = Lambda
-        flat = [(key, i, a, out) for key, seen in calls.items() for i, (a, out) in enumerate(seen)]
+        flat = [(key, a, out) for key, seen in calls.items() for a, out in seen]
         outputs = [out for *_, out in flat]
         diag = {name: torch.zeros_like(self.params_dict[name]) for name in self.params_dict}
         for k in range(f.shape[-1]):
             grads = torch.autograd.grad((f * s[:, :, k]).sum(), outputs, retain_graph=k < f.shape[-1] - 1)
             per_example: dict[int, dict[str, torch.Tensor]] = {}
-            for (key, _, a, _), g in zip(flat, grads, strict=True):
+            for (key, a, _), g in zip(flat, grads, strict=True):
                 module = modules[key]
                 for attr, value in PER_EXAMPLE[type(module)](a, g.detach(), module).items():
                     acc = per_example.setdefault(key, {})
