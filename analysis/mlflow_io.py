@@ -176,3 +176,13 @@ def report_run(data: SweepData) -> str:
 def log_report(uri: str, run_id: str, report_dir: Path) -> None:
     """Attach every file of ``report_dir`` to run ``run_id`` under ``report/``."""
     retry_locked(_client(uri).log_artifacts)(run_id, str(report_dir), REPORT_ARTIFACTS)
+
+
+def attach_report(uri: str, run_id: str, report_dir: Path, log) -> None:
+    """:func:`log_report`, saying what happened; a failure only logs (the report on disk stands)."""
+    try:
+        log_report(uri, run_id, report_dir)
+    except Exception as err:  # noqa: BLE001 -- the files are the report; MLflow holds a copy of them
+        log(f"[report] logging to MLflow run {run_id} failed: {err}")
+        return
+    log(f"[report] logged to MLflow run {run_id} under {REPORT_ARTIFACTS}/")

@@ -161,11 +161,7 @@ def build_peft_report(output_dir: str | Path, *, log_mlflow: bool = True, log=pr
     html_tables = [(captions[key], table) for key, table in tables.items()] + [("Trials", trials)]
     (report_dir / HTML).write_text(page.render(title, lines, figs, html_tables, missing), encoding="utf-8")
     if run_id:
-        try:
-            mlflow_io.log_report(cfg.tracking.uri, run_id, report_dir)
-            log(f"[report] logged to MLflow run {run_id} under {mlflow_io.REPORT_ARTIFACTS}/")
-        except Exception as err:  # noqa: BLE001 -- the files are the report; MLflow holds a copy
-            log(f"[report] logging to MLflow run {run_id} failed: {err}")
+        mlflow_io.attach_report(cfg.tracking.uri, run_id, report_dir, log)
     for line in lines:
         log(f"[report] {line}")
     log(f"[report] {report_dir / MARKDOWN}")

@@ -63,7 +63,7 @@ def write_report(data: SweepData, report_dir: Path, *, log_mlflow: bool = True, 
                        _html_tables(ranked, summary, trials), _missing_lines(data))
     (report_dir / HTML).write_text(html, encoding="utf-8")
     if run_id:
-        _log_to_mlflow(data, run_id, report_dir, log)
+        mlflow_io.attach_report(data.tracking_uri, run_id, report_dir, log)
     for line in story:
         log(f"[report] {line}")
     log(f"[report] {report_dir / HTML}")
@@ -84,15 +84,6 @@ def _mlflow_run(data: SweepData, log) -> str | None:
         log(f"[report] not logged to MLflow: {err}")
         data.notes.append(f"not logged to MLflow: {err}")
         return None
-
-
-def _log_to_mlflow(data: SweepData, run_id: str, report_dir: Path, log) -> None:
-    try:
-        mlflow_io.log_report(data.tracking_uri, run_id, report_dir)
-    except Exception as err:  # noqa: BLE001 -- as above: the report on disk stands
-        log(f"[report] logging to MLflow run {run_id} failed: {err}")
-        return
-    log(f"[report] logged to MLflow run {run_id} under {mlflow_io.REPORT_ARTIFACTS}/")
 
 
 def _figures(data: SweepData, summary: pd.DataFrame, ranked: pd.DataFrame, found: dict, out: Path) -> dict:
