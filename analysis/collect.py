@@ -1,7 +1,7 @@
 """A sweep's results in one place: :class:`SweepData`, read from a sweep output folder.
 
 The folder (``python sweeps/layerwise.py --output DIR``) holds ``config.yaml`` (the resolved
-:class:`~distlap.sweep_config.SweepConfig`), ``optuna.db`` (the study: the sweep's own count of trials,
+:class:`~distlap.sweep.settings.SweepConfig`), ``optuna.db`` (the study: the sweep's own count of trials,
 their state, searched parameters and objective) and ``trials/<ray trial id>/`` with
 ``layer_wise_results.json`` (the layer subsets) and, once the trial finished, ``trial_result.json``
 (the trial's metrics) and ``config.yaml``. ``summary.csv`` is only written at the sweep's end, so it
@@ -18,15 +18,22 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
+from distlap import names
 from distlap.config import ConfigError
-from distlap.layerwise import RESULTS_FILE
-from distlap.search import load_study
-from distlap.sweep import CONFIG_FILE, summarize
-from distlap.sweep_config import SearchConfig, SweepConfig, load_sweep_config
-from distlap.trial import RESULT_FILE
+from distlap.names import CONFIG_FILE, LAYERWISE_FILE, SEED, TRIAL_FILE, TRIALS_DIR
+from distlap.sweep.settings import SweepConfig, load_sweep_config
+from distlap.sweep.space import SearchConfig
+from distlap.sweep.study import load_study, summarize
 
-SEED = "seed"   # the trial setting that makes repeats of one configuration
-TRIAL_KEYS = ("optuna_trial", "trial_id", "status", SEED, "objective", "mlflow_run_id", "error")
+TRIAL_KEYS = (
+    names.OPTUNA_TRIAL,
+    names.TRIAL_ID,
+    names.STATUS,
+    SEED,
+    names.OBJECTIVE,
+    names.RUN_ID,
+    names.ERROR,
+)
 
 
 class ReportError(RuntimeError):
@@ -62,8 +69,8 @@ class SweepData:
 
     def missing(self) -> pd.DataFrame:
         """Known trials without layer-wise results, with the reason (``status``, ``error``)."""
-        rows = self.trials[~self.trials.trial_id.isin(self.results)]
-        return rows[["optuna_trial", "trial_id", "status", "error"]].reset_index(drop=True)
+        rows = self.trials[~self.trials[names.TRIAL_ID].isin(self.results)]
+        return rows[[names.OPTUNA_TRIAL, names.TRIAL_ID, names.STATUS, names.ERROR]].reset_index(drop=True)
 
     @property
     def not_started(self) -> int:
@@ -75,11 +82,19 @@ def load_folder(path: str | Path) -> SweepData:
     out = Path(path).expanduser().resolve()
     cfg = folder_config(out)
     study = open_study(cfg.search)
-    trials = _with_trial_files(summarize(cfg), out / "trials", cfg)
-    results = {tid: read_json(out / "trials" / tid / RESULTS_FILE) for tid in trials.trial_id}
-    data = SweepData(name=cfg.name, source=f"sweep folder {out}", search=cfg.search, trials=trials,
-                     results={tid: r for tid, r in results.items() if r is not None}, study=study,
-                     output_dir=out, tracking_uri=cfg.tracking.uri, experiment=cfg.tracking.experiment)
+    trials = _with_trial_files(summarize(cfg), out / TRIALS_DIR, cfg)
+    results = {tid: read_json(out / TRIALS_DIR / tid / LAYERWISE_FILE) for tid in trials[names.TRIAL_ID]}
+    data = SweepData(
+        name=cfg.name,
+        source=f"sweep folder {out}",
+        search=cfg.search,
+        trials=trials,
+        results={tid: r for tid, r in results.items() if r is not None},
+        study=study,
+        output_dir=out,
+        tracking_uri=cfg.tracking.uri,
+        experiment=cfg.tracking.experiment,
+    )
     return check_has_results(data)
 
 
@@ -94,28 +109,35 @@ def folder_config(out: Path) -> SweepConfig:
 
 def check_has_results(data: SweepData) -> SweepData:
     if not data.results:
-        states = data.trials.status.value_counts().to_dict() if len(data.trials) else {}
-        raise ReportError(f"no trial of sweep {data.name!r} ({data.source}) has layer-wise results yet "
-                          f"({data.search.num_samples} planned, {len(data.trials)} started: "
-                          f"{states or 'none'}); run the report again once a trial has finished")
+        states = data.trials[names.STATUS].value_counts().to_dict() if len(data.trials) else {}
+        raise ReportError(
+            f"no trial of sweep {data.name!r} ({data.source}) has layer-wise results yet "
+            f"({data.search.num_samples} planned, {len(data.trials)} started: "
+            f"{states or 'none'}); run the report again once a trial has finished"
+        )
     return data
 
 
 def _sweep_config(out: Path) -> SweepConfig:
-    hint = ("pass the --output folder of `python sweeps/layerwise.py` (it holds config.yaml, optuna.db, "
-            "mlflow.db and trials/), or --tracking-uri URI --experiment NAME")
+    hint = (
+        "pass the --output folder of `python sweeps/layerwise.py` (it holds config.yaml, optuna.db, "
+        "mlflow.db and trials/), or --tracking-uri URI --experiment NAME"
+    )
     if not out.is_dir():
         raise ReportError(f"{out}: no such folder; {hint}")
-    if (out / RESULT_FILE).is_file() or (out / RESULTS_FILE).is_file():
-        raise ReportError(f"{out} is one trial's folder, not a sweep output folder; {hint} "
-                          f"(for a sweep's trial that is {out.parent.parent})")
+    if (out / TRIAL_FILE).is_file() or (out / LAYERWISE_FILE).is_file():
+        raise ReportError(
+            f"{out} is one trial's folder, not a sweep output folder; {hint} "
+            f"(for a sweep's trial that is {out.parent.parent})"
+        )
     if not (out / CONFIG_FILE).is_file():
         raise ReportError(f"{out} is not a sweep output folder (no {CONFIG_FILE}); {hint}")
     try:
         return load_sweep_config(out / CONFIG_FILE)
     except ConfigError as err:
-        raise ReportError(f"{out / CONFIG_FILE} is not a sweep config ({str(err).splitlines()[-1].strip()}); "
-                          f"{hint}") from None
+        raise ReportError(
+            f"{out / CONFIG_FILE} is not a sweep config ({str(err).splitlines()[-1].strip()}); {hint}"
+        ) from None
 
 
 def _local_sqlite(url: str | None, out: Path) -> str | None:
@@ -135,16 +157,17 @@ def open_study(search: SearchConfig) -> optuna.Study:
         raise ReportError(f"the sweep's Optuna study is missing: no file {file}")
     try:
         return load_study(search)
-    except Exception as err:  # KeyError (no such study), SQLAlchemy errors (unreachable database)
-        raise ReportError(f"cannot read the Optuna study {search.study_name!r} at {storage}: "
-                          f"{type(err).__name__}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - KeyError (no such study), SQLAlchemy (unreachable database)
+        raise ReportError(
+            f"cannot read the Optuna study {search.study_name!r} at {storage}: {type(err).__name__}: {err}"
+        ) from None
 
 
 def _with_trial_files(trials: pd.DataFrame, trials_dir: Path, cfg: SweepConfig) -> pd.DataFrame:
     """Add each trial's seed and its full metrics (``trial_result.json``) to the sweep's summary rows."""
     rows = []
     for row in trials.to_dict("records"):
-        result = read_json(trials_dir / str(row["trial_id"]) / RESULT_FILE) or {}
+        result = read_json(trials_dir / str(row[names.TRIAL_ID]) / TRIAL_FILE) or {}
         seed = row.get(SEED, (result.get("config") or {}).get(SEED, cfg.trial.seed))
         rows.append({**row, SEED: seed, **result.get("metrics", {})})
     return trial_frame(rows)

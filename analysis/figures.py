@@ -12,14 +12,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.patches import Patch
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from analysis.aggregate import KINDS  # noqa: E402
-from distlap.plots import reliability_diagram  # noqa: E402
+from analysis.aggregate import DELTA, DELTA_HIGH, DELTA_LOW, KINDS, MAP_TEST, TEST
+from distlap import names
+from distlap.names import CONFIG, FIRST_BLOCK, N_SEEDS, SUBSET, SUBSET_KIND
+from distlap.plots import reliability_diagram
 
 FIGSIZE = (8.0, 4.5)
 DPI = 100
@@ -48,14 +49,13 @@ def delta_ece_ranked(ranked: pd.DataFrame, title: str, path: Path) -> Path:
     """Bars of mean Δ_ECE per subset, largest first, with 95% CI whiskers; above 0 = better than MAP."""
     fig, ax = plt.subplots()
     x = range(len(ranked))
-    err = [ranked["delta_ece"] - ranked["delta_ece_low"], ranked["delta_ece_high"] - ranked["delta_ece"]]
-    ax.bar(x, ranked["delta_ece"], color=[COLORS[k] for k in ranked["kind"]], edgecolor="black",
-           linewidth=0.5)
-    ax.errorbar(x, ranked["delta_ece"], yerr=err, fmt="none", ecolor="black", capsize=3, linewidth=1)
+    err = [ranked[DELTA] - ranked[DELTA_LOW], ranked[DELTA_HIGH] - ranked[DELTA]]
+    ax.bar(x, ranked[DELTA], color=[COLORS[k] for k in ranked[SUBSET_KIND]], edgecolor="black", linewidth=0.5)
+    ax.errorbar(x, ranked[DELTA], yerr=err, fmt="none", ecolor="black", capsize=3, linewidth=1)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(list(x), ranked["subset"], rotation=45, ha="right")
+    ax.set_xticks(list(x), ranked[SUBSET], rotation=45, ha="right")
     ax.set(xlabel="layer subset S treated as Bayesian (ranked)", ylabel=DELTA_LABEL, title=title)
-    _kind_legend(ax, ranked["kind"])
+    _kind_legend(ax, ranked[SUBSET_KIND])
     return save(fig, path)
 
 
@@ -63,47 +63,72 @@ def delta_ece_sequential(summary: pd.DataFrame, configs: list[str], path: Path) 
     """Δ_ECE of each single block against its depth, one line (and 95% CI band) per configuration."""
     fig, ax = plt.subplots()
     for config in configs:
-        rows = summary[(summary["config"] == config) & (summary["kind"] == "layer")]
-        rows = rows.sort_values("first_block")
-        n = int(rows["n_seeds"].max()) if len(rows) else 0
-        line, = ax.plot(rows["first_block"], rows["delta_ece"], marker="o",
-                        label=f"{config} ({n} seed{'s' * (n > 1)})")
-        ax.fill_between(rows["first_block"], rows["delta_ece_low"], rows["delta_ece_high"],
-                        color=line.get_color(), alpha=0.15)
+        rows = summary[(summary[CONFIG] == config) & (summary[SUBSET_KIND] == "layer")]
+        rows = rows.sort_values(FIRST_BLOCK)
+        n = int(rows[N_SEEDS].max()) if len(rows) else 0
+        (line,) = ax.plot(
+            rows[FIRST_BLOCK], rows[DELTA], marker="o", label=f"{config} ({n} seed{'s' * (n > 1)})"
+        )
+        ax.fill_between(
+            rows[FIRST_BLOCK], rows[DELTA_LOW], rows[DELTA_HIGH], color=line.get_color(), alpha=0.15
+        )
     ax.axhline(0, color="black", linewidth=0.8)
-    blocks = sorted(summary.loc[summary["kind"] == "layer", "first_block"].unique())
+    blocks = sorted(summary.loc[summary[SUBSET_KIND] == "layer", FIRST_BLOCK].unique())
     ax.set_xticks(blocks)
-    ax.set(xlabel="transformer block (0 = nearest the input)", ylabel=DELTA_LABEL,
-           title="Δ_ECE of each single block by depth (band: 95% CI)")
-    ax.legend(fontsize=8, loc="best", title="configuration", title_fontsize=8)
+    ax.set(
+        xlabel="transformer block (0 = nearest the input)",
+        ylabel=DELTA_LABEL,
+        title="Δ_ECE of each single block by depth (band: 95% CI)",
+    )
+    ax.legend(fontsize=8, loc="best", title=names.describe(CONFIG).label, title_fontsize=8)
     return save(fig, path)
 
 
 def ece_comparison(ranked: pd.DataFrame, title: str, path: Path) -> Path:
     """Test ECE of the MAP, of each subset (blocks in depth order, then groups) and of all blocks;
     whiskers: std over seeds."""
-    rows = ranked.assign(_o=ranked["kind"].map(KINDS.index)).sort_values(["_o", "first_block"], kind="stable")
-    names = ["MAP", *rows["subset"]]
-    values = [rows["map/test/ece"].iloc[0], *rows["test/ece"]]
-    std = [rows["map/test/ece_std"].iloc[0], *rows["test/ece_std"]]  # NaN (no whisker) for one seed
+    rows = ranked.assign(_o=ranked[SUBSET_KIND].map(KINDS.index)).sort_values(
+        ["_o", FIRST_BLOCK], kind="stable"
+    )
+    labels = ["MAP", *rows[SUBSET]]
+    map_ece, ece = MAP_TEST["ece"], TEST["ece"]
+    values = [rows[map_ece].iloc[0], *rows[ece]]
+    std = [rows[f"{map_ece}_std"].iloc[0], *rows[f"{ece}_std"]]  # NaN (no whisker) for one seed
     fig, ax = plt.subplots()
-    ax.bar(range(len(names)), values, yerr=np.nan_to_num(std), capsize=3,
-           color=[COLORS["map"], *(COLORS[k] for k in rows["kind"])], edgecolor="black", linewidth=0.5)
+    ax.bar(
+        range(len(labels)),
+        values,
+        yerr=np.nan_to_num(std),
+        capsize=3,
+        color=[COLORS["map"], *(COLORS[k] for k in rows[SUBSET_KIND])],
+        edgecolor="black",
+        linewidth=0.5,
+    )
     ax.axhline(values[0], color=COLORS["map"], linestyle="--", linewidth=1)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set(xlabel="predictive (MAP, or Laplace on subset S)", ylabel="test ECE (absolute)", title=title)
-    _kind_legend(ax, rows["kind"], with_map=True)
+    _kind_legend(ax, rows[SUBSET_KIND], with_map=True)
     return save(fig, path)
 
 
 def reliability_set(result: dict, best_layer: str | None, trial: str, out: Path) -> dict[str, Path]:
     """Reliability diagrams of one trial's MAP, ``all`` and best single layer (test split)."""
     map_row = result["map"]
-    paths = {"reliability_map": reliability_diagram(map_row["reliability"], f"MAP, trial {trial}",
-                                                    out / "reliability_map.png", map_row["test"]["ece"])}
+    paths = {
+        "reliability_map": reliability_diagram(
+            map_row["reliability"],
+            f"MAP, trial {trial}",
+            out / "reliability_map.png",
+            map_row["metrics"][MAP_TEST["ece"]],
+        )
+    }
     for key, name in (("reliability_all", "all"), ("reliability_best_layer", best_layer)):
         row = result["subsets"].get(name) if name else None
         if row is not None:
-            paths[key] = reliability_diagram(row["reliability"], f"Laplace on {name}, trial {trial}",
-                                             out / f"{key}.png", row["test"]["ece"])
+            paths[key] = reliability_diagram(
+                row["reliability"],
+                f"Laplace on {name}, trial {trial}",
+                out / f"{key}.png",
+                row["metrics"][TEST["ece"]],
+            )
     return paths

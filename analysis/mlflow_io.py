@@ -1,6 +1,6 @@
 """MLflow as the report's source and destination.
 
-A sweep's MLflow tree (:mod:`distlap.tracking`): a parent run tagged ``distlap.kind=sweep`` whose params
+A sweep's MLflow tree (:mod:`distlap.sweep.tracking`): a parent run tagged ``distlap.kind=sweep`` whose params
 are the flattened sweep config; one child run per trial (``distlap.kind=trial``, tag ``ray_trial_id``,
 the searched settings and the trial config as params, the trial's metrics, ``layer_wise_results.json``
 as an artifact); a grandchild per layer subset. :func:`load_mlflow` rebuilds
@@ -24,15 +24,14 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from analysis.collect import (SEED, ReportError, SweepData, check_has_results, open_study, read_json,
-                              trial_frame)
-from distlap.layerwise import RESULTS_FILE
-from distlap.search import RUN_ID_KEY
-from distlap.sweep_config import SearchConfig
-from distlap.tracking import ERROR_TAG, KIND_TAG, SWEEP_TAG, TRIAL_TAG, retry_locked
+from analysis.collect import ReportError, SweepData, check_has_results, open_study, read_json, trial_frame
+from distlap import names
+from distlap.names import ERROR, KIND_TAG, LAYERWISE_FILE, RUN_ID, SEED, SWEEP_TAG, TRIAL_ID, TRIAL_TAG
+from distlap.sweep.space import SearchConfig, SearchParam
+from distlap.sweep.tracking import retry_locked
 
-REPORT_ARTIFACTS = "report"
-_STATUS = {"FINISHED": "ok", "FAILED": "failed", "KILLED": "failed"}   # else RUNNING/SCHEDULED: unfinished
+REPORT_ARTIFACTS = names.REPORT_DIR
+_STATUS = {"FINISHED": "ok", "FAILED": "failed", "KILLED": "failed"}  # else RUNNING/SCHEDULED: unfinished
 _SPACE = re.compile(r"search\.space\.(.+)\.kind")
 
 
@@ -60,21 +59,25 @@ def _experiment_id(client: MlflowClient, experiment: str) -> str:
     return found.experiment_id
 
 
-def parent_run(client: MlflowClient, experiment_id: str, *, sweep_id: str | None = None,
-               run_id: str | None = None) -> Run:
+def parent_run(
+    client: MlflowClient, experiment_id: str, *, sweep_id: str | None = None, run_id: str | None = None
+) -> Run:
     """The sweep's parent run: ``run_id``, or the newest sweep run (of ``sweep_id`` if given)."""
     if run_id is not None:
         run = client.get_run(run_id)
         if run.data.tags.get(KIND_TAG) != "sweep":
-            raise ReportError(f"MLflow run {run_id} is not a sweep's parent run (tag {KIND_TAG}="
-                              f"{run.data.tags.get(KIND_TAG)!r}, expected 'sweep')")
+            raise ReportError(
+                f"MLflow run {run_id} is not a sweep's parent run (tag {KIND_TAG}="
+                f"{run.data.tags.get(KIND_TAG)!r}, expected 'sweep')"
+            )
         return run
     query = f"tags.`{KIND_TAG}` = 'sweep'" + (f" and tags.`{SWEEP_TAG}` = '{sweep_id}'" if sweep_id else "")
     runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         which = f" for sweep {sweep_id!r}" if sweep_id else ""
-        raise ReportError(f"no sweep run{which} in MLflow experiment {experiment_id} at "
-                          f"{client.tracking_uri}")
+        raise ReportError(
+            f"no sweep run{which} in MLflow experiment {experiment_id} at {client.tracking_uri}"
+        )
     return runs[0]
 
 
@@ -85,11 +88,13 @@ def search_config(params: dict[str, str]) -> SearchConfig:
         match = _SPACE.fullmatch(key)
         if match:
             name = match.group(1)
-            space[name] = {f: parse_value(params.get(f"search.space.{name}.{f}"))
-                           for f in ("kind", "low", "high", "values")}
-    fields = ("metric", "mode", "num_samples", "seed", "storage", "study_name")
-    return SearchConfig(space=space, **{f: parse_value(params[f"search.{f}"]) for f in fields
-                                        if f"search.{f}" in params})
+            space[name] = {
+                f: parse_value(params.get(f"search.space.{name}.{f}")) for f in SearchParam.model_fields
+            }
+    fields = [f for f in SearchConfig.model_fields if f not in ("space", "points_to_evaluate")]
+    return SearchConfig(
+        space=space, **{f: parse_value(params[f"search.{f}"]) for f in fields if f"search.{f}" in params}
+    )
 
 
 @contextlib.contextmanager
@@ -117,21 +122,32 @@ def load_mlflow(uri: str, experiment: str, run_id: str | None = None) -> SweepDa
     except ReportError as err:  # a storage this machine cannot reach: the report goes on without Optuna views
         notes.append(f"Optuna views left out: {err}")
     with _tracking(uri):
-        runs = mlflow.search_runs([experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}' "
-                                  f"and tags.`{KIND_TAG}` = 'trial'", order_by=["attributes.start_time ASC"])
+        runs = mlflow.search_runs(
+            [experiment_id],
+            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}' and tags.`{KIND_TAG}` = 'trial'",
+            order_by=["attributes.start_time ASC"],
+        )
     trials = _trial_frame(runs, search, study)
     output_dir = parse_value(params.get("output_dir"))
-    data = SweepData(name=parse_value(params.get("name")) or parent.info.run_name,
-                     source=f"MLflow {uri}, experiment {experiment!r}, run {parent.info.run_id}",
-                     search=search, trials=trials, results=_results(client, trials), study=study,
-                     output_dir=Path(output_dir) if output_dir else None, tracking_uri=uri,
-                     experiment=experiment, parent_run_id=parent.info.run_id, notes=notes)
+    data = SweepData(
+        name=parse_value(params.get("name")) or parent.info.run_name,
+        source=f"MLflow {uri}, experiment {experiment!r}, run {parent.info.run_id}",
+        search=search,
+        trials=trials,
+        results=_results(client, trials),
+        study=study,
+        output_dir=Path(output_dir) if output_dir else None,
+        tracking_uri=uri,
+        experiment=experiment,
+        parent_run_id=parent.info.run_id,
+        notes=notes,
+    )
     return check_has_results(data)
 
 
 def _trial_frame(runs: pd.DataFrame, search: SearchConfig, study) -> pd.DataFrame:
     """The trial runs as :class:`SweepData`'s ``trials`` rows (Optuna numbers from the study if read)."""
-    numbers = {t.user_attrs.get(RUN_ID_KEY): t.number for t in study.trials} if study is not None else {}
+    numbers = {t.user_attrs.get(RUN_ID): t.number for t in study.trials} if study is not None else {}
     rows = []
     for _, run in runs.iterrows():
         number = numbers.get(run["run_id"])
@@ -139,11 +155,19 @@ def _trial_frame(runs: pd.DataFrame, search: SearchConfig, study) -> pd.DataFram
             match = re.search(r"(\d+)$", str(run.get("tags.mlflow.runName", "")))
             number = int(match.group(1)) if match else None
         metrics = {k.removeprefix("metrics."): v for k, v in run.items() if k.startswith("metrics.")}
-        rows.append({"optuna_trial": number, "trial_id": run[f"tags.{TRIAL_TAG}"],
-                     "status": _STATUS.get(run["status"], "unfinished"),
-                     **{p: parse_value(run.get(f"params.{p}")) for p in search.space},
-                     SEED: parse_value(run.get(f"params.{SEED}")), "objective": metrics.get(search.metric),
-                     "mlflow_run_id": run["run_id"], "error": run.get(f"tags.{ERROR_TAG}"), **metrics})
+        rows.append(
+            {
+                names.OPTUNA_TRIAL: number,
+                TRIAL_ID: run[f"tags.{TRIAL_TAG}"],
+                names.STATUS: _STATUS.get(run.status, "unfinished"),  # MLflow's run status
+                **{p: parse_value(run.get(f"params.{p}")) for p in search.space},
+                SEED: parse_value(run.get(f"params.{SEED}")),
+                names.OBJECTIVE: metrics.get(search.metric),
+                RUN_ID: run["run_id"],
+                ERROR: run.get(f"tags.{ERROR}"),
+                **metrics,
+            }
+        )
     return trial_frame(rows)
 
 
@@ -151,9 +175,9 @@ def _results(client: MlflowClient, trials: pd.DataFrame) -> dict[str, dict]:
     """Each trial run's ``layer_wise_results.json`` artifact (absent while the trial runs)."""
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for trial_id, run_id in zip(trials["trial_id"], trials["mlflow_run_id"]):
+        for trial_id, run_id in zip(trials[TRIAL_ID], trials[RUN_ID]):
             try:
-                path = client.download_artifacts(run_id, RESULTS_FILE, str(Path(tmp) / run_id))
+                path = client.download_artifacts(run_id, LAYERWISE_FILE, str(Path(tmp) / run_id))
             except Exception:  # noqa: BLE001 -- MLflow raises several types for a missing artifact
                 continue
             result = read_json(Path(path))

@@ -15,36 +15,45 @@ import optuna.visualization.matplotlib as ovm
 from matplotlib.ticker import MaxNLocator
 from optuna.trial import TrialState
 
-from analysis.collect import SEED
 from analysis.figures import save
+from distlap.names import LAMBDA, LORA_RANK, SEED
 
-MIN_IMPORTANCE_TRIALS = 4   # fANOVA on fewer finished trials ranks noise
-MIN_CONTOUR_TRIALS = 3      # two points only draw the interpolation between them
-CONTOUR_PARAMS = ("train.prior_precision", "peft.rank")
+MIN_IMPORTANCE_TRIALS = 4  # fANOVA on fewer finished trials ranks noise
+MIN_CONTOUR_TRIALS = 3  # two points only draw the interpolation between them
+CONTOUR_PARAMS = (LAMBDA, LORA_RANK)
 
 
 def optuna_figures(study: optuna.Study | None, metric: str, out: Path) -> dict[str, Path | str]:
     """``optuna_history`` / ``optuna_importances`` / ``optuna_contour`` -> the PNG, or why it is absent."""
     if study is None:
-        return dict.fromkeys(("optuna_history", "optuna_importances", "optuna_contour"),
-                             "the Optuna study could not be read")
+        return dict.fromkeys(
+            ("optuna_history", "optuna_importances", "optuna_contour"), "the Optuna study could not be read"
+        )
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     varied = [p for p in _params(done) if len({repr(t.params.get(p)) for t in done}) > 1]
     settings = [p for p in varied if p != SEED]  # a contour over the seed would draw noise
     contour = list(CONTOUR_PARAMS) if set(CONTOUR_PARAMS) <= set(settings) else settings[:2]
     views = {
-        "optuna_history": (lambda: _integer_x(ovm.plot_optimization_history(study, target_name=metric)),
-                           None if done else "no trial has finished yet",
-                           f"Optuna optimisation history ({metric}, validation)"),
-        "optuna_importances": (lambda: ovm.plot_param_importances(study, target_name=metric),
-                               _need(done, MIN_IMPORTANCE_TRIALS, varied, 1),
-                               f"Parameter importances for {metric} (fANOVA)"),
-        "optuna_contour": (lambda: ovm.plot_contour(study, params=contour, target_name=metric),
-                           _need(done, MIN_CONTOUR_TRIALS, contour, 2),
-                           f"{metric} over {' × '.join(contour) or 'two parameters'} (dots: trials)"),
+        "optuna_history": (
+            lambda: _integer_x(ovm.plot_optimization_history(study, target_name=metric)),
+            None if done else "no trial has finished yet",
+            f"Optuna optimisation history ({metric}, validation)",
+        ),
+        "optuna_importances": (
+            lambda: ovm.plot_param_importances(study, target_name=metric),
+            _need(done, MIN_IMPORTANCE_TRIALS, varied, 1),
+            f"Parameter importances for {metric} (fANOVA)",
+        ),
+        "optuna_contour": (
+            lambda: ovm.plot_contour(study, params=contour, target_name=metric),
+            _need(done, MIN_CONTOUR_TRIALS, contour, 2),
+            f"{metric} over {' × '.join(contour) or 'two parameters'} (dots: trials)",
+        ),
     }
-    return {name: reason or _draw(plot, title, out / f"{name}.png")
-            for name, (plot, reason, title) in views.items()}
+    return {
+        name: reason or _draw(plot, title, out / f"{name}.png")
+        for name, (plot, reason, title) in views.items()
+    }
 
 
 def _params(trials) -> list[str]:

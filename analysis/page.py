@@ -30,32 +30,48 @@ def mean_std(table: pd.DataFrame, columns: list[str], digits: int = 4) -> pd.Dat
     out = table.copy()
     for col in columns:
         std = table.get(f"{col}_std", pd.Series(math.nan, index=table.index))
-        out[col] = [f"{m:.{digits}f}" + ("" if pd.isna(s) else f" ± {s:.{digits}f}")
-                    for m, s in zip(table[col], std)]
+        out[col] = [
+            f"{m:.{digits}f}" + ("" if pd.isna(s) else f" ± {s:.{digits}f}") for m, s in zip(table[col], std)
+        ]
     return out
 
 
 def _figure(name: str, image: Path | str, caption: str) -> str:
     if isinstance(image, Path):
-        return (f'<figure><img src="{data_uri(image)}" alt="{html.escape(name)}">'
-                f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        return (
+            f'<figure><img src="{data_uri(image)}" alt="{html.escape(name)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
     return f'<p class="missing">{html.escape(name)}: not drawn ({html.escape(image)}).</p>'
 
 
-def render(title: str, narrative: list[str], figures: list[tuple[str, Path | str, str]],
-           tables: list[tuple[str, pd.DataFrame]], missing: list[str]) -> str:
+def render(
+    title: str,
+    narrative: list[str],
+    figures: list[tuple[str, Path | str, str]],
+    tables: list[tuple[str, pd.DataFrame]],
+    missing: list[str],
+) -> str:
     """The page: narrative, what is missing or was left out, figures (name, PNG or the reason it is
     absent, caption), tables (caption, frame)."""
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-             "<h2>Findings</h2><ul class='narrative'>",
-             *(f"<li>{html.escape(line)}</li>" for line in narrative), "</ul>"]
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+        "<h2>Findings</h2><ul class='narrative'>",
+        *(f"<li>{html.escape(line)}</li>" for line in narrative),
+        "</ul>",
+    ]
     if missing:
-        parts += ["<h2>Missing or left out</h2><ul class='missing'>",
-                  *(f"<li>{html.escape(m)}</li>" for m in missing), "</ul>"]
+        parts += [
+            "<h2>Missing or left out</h2><ul class='missing'>",
+            *(f"<li>{html.escape(m)}</li>" for m in missing),
+            "</ul>",
+        ]
     parts += ["<h2>Figures</h2>", *(_figure(*fig) for fig in figures)]
     for caption, table in tables:
-        parts += [f"<h2>{html.escape(caption)}</h2>",
-                  table.to_html(index=False, na_rep="–", float_format=lambda v: f"{v:.4g}", border=0)]
+        parts += [
+            f"<h2>{html.escape(caption)}</h2>",
+            table.to_html(index=False, na_rep="–", float_format=lambda v: f"{v:.4g}", border=0),
+        ]
     parts.append("</body></html>")
     return "\n".join(parts)

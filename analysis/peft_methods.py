@@ -20,15 +20,32 @@ import pandas as pd
 
 from analysis import mlflow_io, page, peft_figures
 from analysis.collect import ReportError
-from analysis.peft_tables import (METHODS, by_setting, consolidated_tables, decimals, load_sweep,
-                                  method_summary, numeric_tables, setting_file, table_captions)
-from distlap.sweep_config import SweepConfig
+from analysis.peft_tables import (
+    ACC,
+    ECE,
+    LABEL,
+    METHODS,
+    PCT,
+    TITLE,
+    by_setting,
+    consolidated_tables,
+    decimals,
+    load_sweep,
+    method_summary,
+    numeric_tables,
+    setting_file,
+    table_captions,
+)
+from distlap import names
+from distlap.names import BACKBONE, DATASET, MESSAGE, METHOD, OPTUNA_TRIAL, REPORT_DIR, SEED, STATUS, TRIAL_ID
+from distlap.sweep.settings import SweepConfig
 
-REPORT_DIR = "report"
 MARKDOWN, TRIALS_TABLE, HTML = "peft_methods.md", "trials.csv", "report.html"
+EFFICIENCY = names.ACCURACY_PER_PCT
 
 
 # --- cross-setting trends ------------------------------------------------------------------------
+
 
 def trends(trials: pd.DataFrame) -> list[str]:
     """The cross-setting trends: per setting the accuracy and calibration winners with their margins
@@ -54,47 +71,58 @@ def _noise(margin: float, std_a: float, std_b: float, fmt: str, unit: str) -> st
 
 
 def _winners(rows: pd.DataFrame) -> str:
-    title = rows["title"].iloc[0]
+    title = rows[TITLE].iloc[0]
     if len(rows) == 1:
         row = rows.iloc[0]
-        return (f"{title}: only {row['Method']} ran (Acc@1 {row['acc1']:.2f}%, ECE {row['ece']:.3f}); "
-                "no comparison.")
-    acc = rows.sort_values("acc1", ascending=False, kind="stable")
-    ece = rows.sort_values("ece", kind="stable")
-    accuracy = _lead(acc.iloc[0], acc.iloc[1], "acc1", "highest accuracy", "accuracy", ".2f", "%", " pp")
-    calibration = _lead(ece.iloc[0], ece.iloc[1], "ece", "lowest ECE", "ECE", ".3f", "", "")
+        return (
+            f"{title}: only {row[LABEL]} ran (Acc@1 {100 * row[ACC]:.2f}%, ECE {row[ECE]:.3f}); "
+            "no comparison."
+        )
+    acc = rows.sort_values(ACC, ascending=False, kind="stable")
+    ece = rows.sort_values(ECE, kind="stable")
+    accuracy = _lead(acc.iloc[0], acc.iloc[1], ACC, "highest accuracy", "accuracy", ".2f", "%", " pp")
+    calibration = _lead(ece.iloc[0], ece.iloc[1], ECE, "lowest ECE", "ECE", ".3f", "", "")
     return f"{title}: {accuracy}; {calibration}."
 
 
-def _lead(best: pd.Series, second: pd.Series, metric: str, wins: str, name: str, fmt: str, unit: str,
-          gap_unit: str) -> str:
-    """"highest accuracy LoRA (96.10% vs 94.50% for Norm, 1.60 pp higher, <noise>)", or a tie."""
-    margin = abs(best[metric] - second[metric])
+def _lead(
+    best: pd.Series, second: pd.Series, metric: str, wins: str, name: str, fmt: str, unit: str, gap_unit: str
+) -> str:
+    """ "highest accuracy LoRA (96.10% vs 94.50% for Norm, 1.60 pp higher, <noise>)", or a tie.
+    Accuracy (a fraction in the tables) is shown in percent points."""
+    scale = 100 if metric == ACC else 1
+    b, s, margin = scale * best[metric], scale * second[metric], scale * abs(best[metric] - second[metric])
     if margin == 0:
-        return f"{name} tied between {best['Method']} and {second['Method']} ({best[metric]:{fmt}}{unit})"
-    way = "higher" if metric == "acc1" else "lower"
-    noise = _noise(margin, best[f"{metric}_std"], second[f"{metric}_std"], fmt, gap_unit)
-    return (f"{wins} {best['Method']} ({best[metric]:{fmt}}{unit} vs {second[metric]:{fmt}}{unit} for "
-            f"{second['Method']}, {margin:{fmt}}{gap_unit} {way}, {noise})")
+        return f"{name} tied between {best[LABEL]} and {second[LABEL]} ({b:{fmt}}{unit})"
+    way = names.describe(metric).better
+    noise = _noise(margin, scale * best[f"{metric}_std"], scale * second[f"{metric}_std"], fmt, gap_unit)
+    return (
+        f"{wins} {best[LABEL]} ({b:{fmt}}{unit} vs {s:{fmt}}{unit} for "
+        f"{second[LABEL]}, {margin:{fmt}}{gap_unit} {way}, {noise})"
+    )
 
 
 def _ranking(rows: pd.DataFrame, metric: str, descending: bool) -> str:
-    ordered = rows.sort_values(metric, ascending=not descending, kind="stable")["Method"]
+    ordered = rows.sort_values(metric, ascending=not descending, kind="stable")[LABEL]
     return (" > " if descending else " < ").join(ordered)
 
 
 def _rankings(settings: dict[tuple, pd.DataFrame]) -> list[str]:
     if len(settings) == 1:
         rows = next(iter(settings.values()))
-        return [f"Only one setting ({rows['title'].iloc[0]}): accuracy ranking "
-                f"{_ranking(rows, 'acc1', True)}, ECE ranking (lowest first) {_ranking(rows, 'ece', False)}; "
-                "no cross-setting comparison."]
+        return [
+            f"Only one setting ({rows[TITLE].iloc[0]}): accuracy ranking "
+            f"{_ranking(rows, ACC, True)}, ECE ranking (lowest first) {_ranking(rows, ECE, False)}; "
+            "no cross-setting comparison."
+        ]
     lines = []
-    for name, metric, descending in (("Accuracy ranking", "acc1", True),
-                                     ("ECE ranking (lowest first)", "ece", False)):
+    for name, metric, descending in (
+        ("Accuracy ranking", ACC, True),
+        ("ECE ranking (lowest first)", ECE, False),
+    ):
         ranks: dict[str, list[str]] = {}
         for rows in settings.values():
-            ranks.setdefault(_ranking(rows, metric, descending), []).append(rows["title"].iloc[0])
+            ranks.setdefault(_ranking(rows, metric, descending), []).append(rows[TITLE].iloc[0])
         if len(ranks) == 1:
             lines.append(f"{name} {next(iter(ranks))} in every setting (consistent across scales).")
         else:
@@ -109,30 +137,37 @@ def _span(values: pd.Series, digits: int) -> str:
 
 
 def _per_method(summary: pd.DataFrame, metric: str, digits: int, unit: str = "") -> str:
-    return ", ".join(f"{METHODS[m]} {_span(summary.loc[summary['method'] == m, metric], digits)}{unit}"
-                     for m in METHODS if m in set(summary["method"]))
+    return ", ".join(
+        f"{METHODS[m]} {_span(summary.loc[summary[METHOD] == m, metric], digits)}{unit}"
+        for m in METHODS
+        if m in set(summary[METHOD])
+    )
 
 
 def _params_span(summary: pd.DataFrame, *, across: bool) -> str:
-    digits = decimals(summary["tuned_params_pct"], sig=2, at_least=2)
-    return (f"Tuned Params % per method{' across settings' * across}: "
-            f"{_per_method(summary, 'tuned_params_pct', digits, '%')}.")
+    digits = decimals(summary[PCT], sig=2, at_least=2)
+    return (
+        f"Tuned Params % per method{' across settings' * across}: {_per_method(summary, PCT, digits, '%')}."
+    )
 
 
 def _efficiency(settings: dict[tuple, pd.DataFrame], summary: pd.DataFrame) -> str:
     winners: dict[str, list[str]] = {}
     for rows in settings.values():
-        best = rows.sort_values("acc_per_pct", ascending=False, kind="stable").iloc[0]
-        winners.setdefault(best["Method"], []).append(best["title"])
+        best = rows.sort_values(EFFICIENCY, ascending=False, kind="stable").iloc[0]
+        winners.setdefault(best[LABEL], []).append(best[TITLE])
     if len(winners) == 1 and len(settings) > 1:
         where = f"{next(iter(winners))} in every setting"
     else:
         where = "; ".join(f"{m} in {', '.join(titles)}" for m, titles in winners.items())
-    return (f"Accuracy per tuned parameter (Acc@1 points per Tuned Params %) is highest for {where}: "
-            f"{_per_method(summary, 'acc_per_pct', 1)}.")
+    return (
+        f"Accuracy per tuned parameter (Acc@1 points per Tuned Params %) is highest for {where}: "
+        f"{_per_method(summary, EFFICIENCY, 1)}."
+    )
 
 
 # --- the report ----------------------------------------------------------------------------------
+
 
 def build_peft_report(output_dir: str | Path, *, log_mlflow: bool = True, log=print) -> Path:
     """Every report file for the sweep in ``output_dir`` into ``output_dir/report``; returns that folder.
@@ -153,9 +188,15 @@ def build_peft_report(output_dir: str | Path, *, log_mlflow: bool = True, log=pr
     missing = _missing_lines(cfg, trials)
     run_id = _parent_run(cfg, missing, log) if log_mlflow else None
     title = f"PEFT methods sweep {cfg.name!r}"
-    titles = {key: rows["title"].iloc[0] for key, rows in by_setting(summary).items()}
-    markdown = _markdown(title, [(titles[k], captions[k], setting_file(k), t) for k, t in tables.items()],
-                         lines, images, missing, trials)
+    titles = {key: rows[TITLE].iloc[0] for key, rows in by_setting(summary).items()}
+    markdown = _markdown(
+        title,
+        [(titles[k], captions[k], setting_file(k), t) for k, t in tables.items()],
+        lines,
+        images,
+        missing,
+        trials,
+    )
     (report_dir / MARKDOWN).write_text(markdown, encoding="utf-8")
     figs = [(name, path, peft_figures.FIGURES[name][1]) for name, path in images.items()]
     html_tables = [(captions[key], table) for key, table in tables.items()] + [("Trials", trials)]
@@ -171,8 +212,11 @@ def build_peft_report(output_dir: str | Path, *, log_mlflow: bool = True, log=pr
 def _clear(report_dir: Path) -> None:
     """Remove an earlier report's files, so nothing from a previous run survives."""
     report_dir.mkdir(parents=True, exist_ok=True)
-    for old in [*report_dir.glob("*.png"), *report_dir.glob("table_*.csv"),
-                *(report_dir / n for n in (MARKDOWN, TRIALS_TABLE, HTML))]:
+    for old in [
+        *report_dir.glob("*.png"),
+        *report_dir.glob("table_*.csv"),
+        *(report_dir / n for n in (MARKDOWN, TRIALS_TABLE, HTML)),
+    ]:
         old.unlink(missing_ok=True)
 
 
@@ -190,15 +234,22 @@ def _parent_run(cfg: SweepConfig, notes: list[str], log) -> str | None:
 
 def _missing_lines(cfg: SweepConfig, trials: pd.DataFrame) -> list[str]:
     lines = []
-    for row in trials[trials["status"] != "ok"].itertuples():
-        what = ", ".join(str(v) for v in (METHODS.get(row.method, row.method), row.backbone, row.dataset)
-                         if isinstance(v, str))
-        seed = "" if pd.isna(row.seed) else f", seed {int(row.seed)}"
-        lines.append(f"trial #{row.optuna_trial} {row.trial_id} ({what or 'settings unknown'}{seed}): "
-                     f"{row.status}" + (f" ({row.message})" if isinstance(row.message, str) else ""))
+    for row in trials[trials[STATUS] != "ok"].to_dict("records"):
+        what = ", ".join(
+            str(v)
+            for v in (METHODS.get(row[METHOD], row[METHOD]), row[BACKBONE], row[DATASET])
+            if isinstance(v, str)
+        )
+        seed = "" if pd.isna(row[SEED]) else f", seed {int(row[SEED])}"
+        message = row[MESSAGE]
+        lines.append(
+            f"trial #{row[OPTUNA_TRIAL]} {row[TRIAL_ID]} ({what or 'settings unknown'}{seed}): "
+            f"{row[STATUS]}" + (f" ({message})" if isinstance(message, str) else "")
+        )
     if cfg.search.num_samples > len(trials):
-        lines.append(f"{cfg.search.num_samples - len(trials)} of {cfg.search.num_samples} planned trials "
-                     "not started")
+        lines.append(
+            f"{cfg.search.num_samples - len(trials)} of {cfg.search.num_samples} planned trials not started"
+        )
     return lines
 
 
@@ -207,16 +258,35 @@ def _md_table(table: pd.DataFrame) -> str:
     return "\n".join("| " + " | ".join(str(c) for c in row) + " |" for row in cells)
 
 
-def _markdown(title: str, tables: list[tuple[str, str, str, pd.DataFrame]], lines: list[str],
-              images: dict[str, Path], missing: list[str], trials: pd.DataFrame) -> str:
+def _markdown(
+    title: str,
+    tables: list[tuple[str, str, str, pd.DataFrame]],
+    lines: list[str],
+    images: dict[str, Path],
+    missing: list[str],
+    trials: pd.DataFrame,
+) -> str:
     """``tables``: (setting title, caption, CSV file name, display table) per setting."""
-    ok = int((trials["status"] == "ok").sum())
-    parts = [f"# {title}", "", f"{ok} of {len(trials)} trials ok. Mean ± std over seeds (test split).",
-             "", "## Consolidated results"]
+    ok = int((trials[STATUS] == "ok").sum())
+    parts = [
+        f"# {title}",
+        "",
+        f"{ok} of {len(trials)} trials ok. Mean ± std over seeds (test split).",
+        "",
+        "## Consolidated results",
+    ]
     for setting, caption, csv, table in tables:
         note = caption.removeprefix(f"{setting}: ")
-        parts += ["", f"### {setting}", "", note[0].upper() + note[1:] + ".", "", _md_table(table), "",
-                  f"CSV: [{csv}]({csv})"]
+        parts += [
+            "",
+            f"### {setting}",
+            "",
+            note[0].upper() + note[1:] + ".",
+            "",
+            _md_table(table),
+            "",
+            f"CSV: [{csv}]({csv})",
+        ]
     parts += ["", "## Cross-setting trends", "", *(f"- {line}" for line in lines), "", "## Figures", ""]
     parts += [f"![{name}]({path.name})  \n{peft_figures.FIGURES[name][1]}\n" for name, path in images.items()]
     if missing:
@@ -226,8 +296,9 @@ def _markdown(title: str, tables: list[tuple[str, str, str, pd.DataFrame]], line
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python analysis/peft_methods.py",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python analysis/peft_methods.py", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("sweep", type=Path, help="the sweep's output folder (its --output)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the report to the parent run")
     args = parser.parse_args(argv)

@@ -17,18 +17,61 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import aggregate, figures, findings, mlflow_io, optuna_views, page
-from analysis.collect import SEED, ReportError, SweepData, load_folder
+from analysis.aggregate import DELTA, DELTA_ACCURACY, DELTA_HIGH, DELTA_LOW, TEST
+from analysis.collect import ReportError, SweepData, load_folder
+from distlap import names
+from distlap.names import (
+    BLOCKS,
+    CI_METHOD,
+    CONFIG,
+    HAS_RESULTS,
+    N_SEEDS,
+    RANK,
+    REPORT_DIR,
+    SEED,
+    SEEDS,
+    SUBSET,
+    SUBSET_KIND,
+    TRIAL_ID,
+)
 
-REPORT_DIR = "report"
 SUMMARY_TABLE, RANKING_TABLE, TRIALS_TABLE = "summary_table.csv", "subset_ranking.csv", "trials.csv"
 SUMMARY_JSON, HTML = "analysis_summary.json", "report.html"
 OUTPUTS = (SUMMARY_TABLE, RANKING_TABLE, TRIALS_TABLE, SUMMARY_JSON, HTML)
-_FIRST = ["config", "subset", "kind", "blocks", "n_seeds", "seeds", "rank", "delta_ece", "delta_ece_std",
-          "delta_ece_low", "delta_ece_high", "ci_method", "test/accuracy", "test/nll", "test/brier",
-          "test/ece", "test/mce", "accuracy_drop"]
-_TRIAL_METRICS = [SEED, "objective", "map/test/accuracy", "map/test/ece", "bayes/test/ece", "bayes/delta_ece",
-                  "best_subset", "prior_precision", "tuned_params_pct", "time_per_epoch_s", "laplace_fit_s",
-                  "laplace_eval_s", "wall_time_s", "has_results", "error"]
+_SHOWN = [DELTA, *(TEST[s] for s in ("accuracy", "nll", "brier", "ece", "mce"))]
+_FIRST = [
+    CONFIG,
+    SUBSET,
+    SUBSET_KIND,
+    BLOCKS,
+    N_SEEDS,
+    SEEDS,
+    RANK,
+    DELTA,
+    f"{DELTA}_std",
+    DELTA_LOW,
+    DELTA_HIGH,
+    CI_METHOD,
+    *_SHOWN[1:],
+    DELTA_ACCURACY,
+]
+_TRIAL_METRICS = [
+    SEED,
+    names.OBJECTIVE,
+    names.score("map", "test", "accuracy"),
+    names.score("map", "test", "ece"),
+    names.score("bayes", "test", "ece"),
+    names.delta("bayes", "test", "ece"),
+    names.BEST_SUBSET,
+    names.PRIOR_PRECISION,
+    names.TUNED_PARAMS_PCT,
+    names.TIME_PER_EPOCH,
+    names.FIT_TIME,
+    names.EVAL_TIME,
+    names.WALL_TIME,
+    HAS_RESULTS,
+    names.ERROR,
+]
 
 
 def build_report(output_dir: str | Path, *, log_mlflow: bool = True, log=print) -> Path:
@@ -59,8 +102,13 @@ def write_report(data: SweepData, report_dir: Path, *, log_mlflow: bool = True, 
     _columns(ranked).to_csv(report_dir / RANKING_TABLE, index=False)
     trials.to_csv(report_dir / TRIALS_TABLE, index=False)
     (report_dir / SUMMARY_JSON).write_text(json.dumps(found, indent=2, default=str))
-    html = page.render(f"Layer-wise Laplace sweep {data.name!r}", story, _captioned(images, found),
-                       _html_tables(ranked, summary, trials), _missing_lines(data))
+    html = page.render(
+        f"Layer-wise Laplace sweep {data.name!r}",
+        story,
+        _captioned(images, found),
+        _html_tables(ranked, summary, trials),
+        _missing_lines(data),
+    )
     (report_dir / HTML).write_text(html, encoding="utf-8")
     if run_id:
         mlflow_io.attach_report(data.tracking_uri, run_id, report_dir, log)
@@ -88,31 +136,34 @@ def _mlflow_run(data: SweepData, log) -> str | None:
 
 def _figures(data: SweepData, summary: pd.DataFrame, ranked: pd.DataFrame, found: dict, out: Path) -> dict:
     ref = found["reference_config"]
-    title = f"{ref['config']} ({ref['n_seeds']} seed{'s' * (ref['n_seeds'] > 1)})"
+    title = f"{ref[CONFIG]} ({ref[N_SEEDS]} seed{'s' * (ref[N_SEEDS] > 1)})"
     images = {
-        "delta_ece_ranked": figures.delta_ece_ranked(ranked, f"Δ_ECE by layer subset, {title}",
-                                                     out / "delta_ece_ranked.png"),
+        "delta_ece_ranked": figures.delta_ece_ranked(
+            ranked, f"Δ_ECE by layer subset, {title}", out / "delta_ece_ranked.png"
+        ),
         "delta_ece_sequential": figures.delta_ece_sequential(
-            summary, aggregate.line_configs(summary, data.config_params), out / "delta_ece_sequential.png"),
-        "ece_comparison": figures.ece_comparison(ranked, f"Test ECE: MAP vs Laplace on each subset, {title}",
-                                                 out / "ece_comparison.png"),
+            summary, aggregate.line_configs(summary, data.config_params), out / "delta_ece_sequential.png"
+        ),
+        "ece_comparison": figures.ece_comparison(
+            ranked, f"Test ECE: MAP vs Laplace on each subset, {title}", out / "ece_comparison.png"
+        ),
     }
-    trial = ref["trial_ids"][0]  # the reference configuration's first seed
-    best_layer = (found["best_single_layer"] or {}).get("subset")
+    trial = ref[names.TRIAL_IDS][0]  # the reference configuration's first seed
+    best_layer = (found["best_single_layer"] or {}).get(SUBSET)
     images.update(figures.reliability_set(data.results[trial], best_layer, trial, out))
     images.update(optuna_views.optuna_figures(data.study, data.search.metric, out))
     return images
 
 
 def _captioned(images: dict, found: dict) -> list[tuple[str, Path | str, str]]:
-    ref, ci = found["reference_config"]["config"], (found["best_single_layer"] or {}).get("ci_method", "")
+    ref, ci = found["reference_config"][CONFIG], (found["best_single_layer"] or {}).get(CI_METHOD, "")
     captions = {
         "delta_ece_ranked": f"Δ_ECE of every layer subset in {ref}, largest first; whiskers: 95% CI ({ci}). "
-                            "Above 0: the restricted posterior is better calibrated than the MAP.",
+        "Above 0: the restricted posterior is better calibrated than the MAP.",
         "delta_ece_sequential": "Δ_ECE of each single block against its depth, one line per searched setting "
-                                "other than λ (at its best λ); band: 95% CI.",
+        "other than λ (at its best λ); band: 95% CI.",
         "ece_comparison": f"Test ECE of the MAP (dashed line) and of Laplace on each subset in {ref}; "
-                          "whiskers: std over seeds.",
+        "whiskers: std over seeds.",
         "reliability_map": "Reliability diagram of the MAP (test).",
         "reliability_all": "Reliability diagram with every block Bayesian (test).",
         "reliability_best_layer": "Reliability diagram with only the best single block Bayesian (test).",
@@ -129,26 +180,30 @@ def _columns(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _trial_table(data: SweepData) -> pd.DataFrame:
-    trials = data.trials.assign(has_results=data.trials["trial_id"].isin(data.results))
-    trials = trials.rename(columns={"delta_ece": "bayes/delta_ece"})  # the trial's own: subset 'all'
-    cols = ["optuna_trial", "trial_id", "status", *data.config_params, *_TRIAL_METRICS]
+    trials = data.trials.assign(**{HAS_RESULTS: data.trials[TRIAL_ID].isin(data.results)})
+    cols = [names.OPTUNA_TRIAL, TRIAL_ID, names.STATUS, *data.config_params, *_TRIAL_METRICS]
     return trials[[c for c in dict.fromkeys(cols) if c in trials]]
 
 
 def _html_tables(ranked: pd.DataFrame, summary: pd.DataFrame, trials: pd.DataFrame) -> list:
-    metrics = ["delta_ece", "test/accuracy", "test/nll", "test/brier", "test/ece", "test/mce"]
-    show = ["subset", "kind", "blocks", "n_seeds", *metrics, "delta_ece_low", "delta_ece_high",
-            "accuracy_drop"]
-    per_config = page.mean_std(summary, metrics)[["config", *show]]
-    return [(f"Subsets ranked by Δ_ECE in {ranked['config'].iloc[0]} (mean ± std over seeds)",
-             page.mean_std(ranked, metrics)[show]),
-            ("Trials", trials), ("Every configuration and subset", per_config)]
+    show = [SUBSET, SUBSET_KIND, BLOCKS, N_SEEDS, *_SHOWN, DELTA_LOW, DELTA_HIGH, DELTA_ACCURACY]
+    per_config = page.mean_std(summary, _SHOWN)[[CONFIG, *show]]
+    return [
+        (
+            f"Subsets ranked by Δ_ECE in {ranked[CONFIG].iloc[0]} (mean ± std over seeds)",
+            page.mean_std(ranked, _SHOWN)[show],
+        ),
+        ("Trials", trials),
+        ("Every configuration and subset", per_config),
+    ]
 
 
 def _missing_lines(data: SweepData) -> list[str]:
-    lines = [f"trial #{r.optuna_trial} ({r.trial_id}): {r.status}, no layer-wise results"
-             + (f" ({r.error})" if isinstance(r.error, str) and r.error else "")
-             for r in data.missing().itertuples()]
+    lines = [
+        f"trial #{r[names.OPTUNA_TRIAL]} ({r[TRIAL_ID]}): {r[names.STATUS]}, no layer-wise results"
+        + (f" ({r[names.ERROR]})" if isinstance(r[names.ERROR], str) and r[names.ERROR] else "")
+        for r in data.missing().to_dict("records")
+    ]
     if data.not_started:
         lines.append(f"{data.not_started} of {data.search.num_samples} planned trials not started")
     return lines + data.notes
@@ -167,8 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     if (args.sweep is None) != from_mlflow or from_mlflow != (args.experiment is not None):
         parser.error("give a sweep output folder, or --tracking-uri URI --experiment NAME (not both)")
     try:
-        data = (load_folder(args.sweep) if args.sweep is not None
-                else mlflow_io.load_mlflow(args.tracking_uri, args.experiment, args.run_id))
+        data = (
+            load_folder(args.sweep)
+            if args.sweep is not None
+            else mlflow_io.load_mlflow(args.tracking_uri, args.experiment, args.run_id)
+        )
         write_report(data, args.report_dir or _default_dir(data), log_mlflow=not args.no_mlflow)
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -13,7 +13,7 @@ engine's ``exact`` (the same curvature code on both sides). The ECEs cannot be i
 Monte-Carlo spread of ECE between seeds beside the largest |ECE_A - ECE_B|.
 
     python benchmarks/layerwise_eval.py                      # tiny ViT, Fashion-MNIST (CPU default)
-    python benchmarks/layerwise_eval.py --vit-b16 --n-test 2000 --device cuda   # ViT-B/16, 100 classes, random weights
+    python benchmarks/layerwise_eval.py --vit-b16 --n-test 2000 --device cuda   # ViT-B/16, 100 classes
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import psutil
 import torch
 
 from distlap import metrics
+from distlap.bayes.layers import block_index, layer_subsets, num_blocks
+from distlap.bayes.posterior import BACKENDS, backend_class, build_posterior, posterior_parameters
+from distlap.bayes.predictive import ViTSuffix, nn_predictive
 from distlap.config import LaplaceConfig, PeftConfig, load_config
-from distlap.layers import block_index, num_blocks
-from distlap.layerwise import layer_subsets
-from distlap.posterior import BACKENDS, backend_class, build_posterior, fit_subset_loader, posterior_parameters
-from distlap.predictive import ViTSuffix, nn_predictive
+from distlap.provenance import write_benchmark
 
 
 class PeakMemory:
@@ -67,13 +67,20 @@ class PeakMemory:
 
 def tiny_setup(args):
     """Fine-tune the embedded default (capped) once; both sides use this model and data."""
-    from distlap.trial import fine_tune
+    from distlap.finetune.run import fine_tune
 
-    cfg = load_config(overrides=[f"data.max_train={args.n_train}", f"data.max_test={args.n_test}",
-                                 "train.epochs=2", f"train.prior_precision={args.prior_precision}"])
+    cfg = load_config(
+        overrides=[
+            f"data.max_train={args.n_train}",
+            f"data.max_test={args.n_test}",
+            "train.epochs=2",
+            f"train.prior_precision={args.prior_precision}",
+        ]
+    )
     ft = fine_tune(cfg, log=lambda m: None)
     test = ft.loader("test", batch_size=args.batch_size)
-    return ft.model, ft.splits.train, ft.transform, test, ft.device, len(ft.splits.train)
+    fit = ft.loader("train", batch_size=32, max_examples=args.fit_examples)
+    return ft.model, fit, test, ft.device, len(ft.splits.train)
 
 
 def vit_b16_setup(args):
@@ -81,12 +88,15 @@ def vit_b16_setup(args):
     from torch.utils.data import DataLoader, TensorDataset
     from transformers import ViTConfig, ViTForImageClassification
 
-    from distlap.adapters import apply_peft
-    from distlap.backbones import LogitsModel
+    from distlap.finetune.adapters import apply_peft
+    from distlap.finetune.train import LogitsModel
 
     torch.manual_seed(0)
-    model = LogitsModel(apply_peft(ViTForImageClassification(ViTConfig(num_labels=100)),
-                                   PeftConfig(method="lora", rank=16, alpha=16)))
+    model = LogitsModel(
+        apply_peft(
+            ViTForImageClassification(ViTConfig(num_labels=100)), PeftConfig(method="lora", rank=16, alpha=16)
+        )
+    )
     with torch.no_grad():  # LoRA B = 0 at init would make every Jacobian of A vanish
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -97,7 +107,7 @@ def vit_b16_setup(args):
         return TensorDataset(torch.randn(n, 3, 224, 224), torch.randint(0, 100, (n,)))
 
     test = DataLoader(data(args.n_test), batch_size=args.batch_size)
-    return model.to(device), data(args.fit_examples), None, test, device, 50_000
+    return model.to(device), DataLoader(data(args.fit_examples), batch_size=16), test, device, 50_000
 
 
 def engine(model, fit_loader, test, device, la_cfg, subsets, seed, n_train, lam):
@@ -121,14 +131,21 @@ def naive(model, fit_loader, test, device, la_cfg, subsets, seed, n_train, lam):
     for name, blocks in subsets.items():
         for n, p in model.named_parameters():
             p.requires_grad_(n in names and block_index(n) in blocks)
-        la = laplace.Laplace(model, "classification", subset_of_weights="all",
-                             hessian_structure=la_cfg.hessian_structure, prior_precision=lam,
-                             temperature=len(fit_loader.dataset) / n_train,
-                             backend=backend_class(la_cfg.backend))
+        la = laplace.Laplace(
+            model,
+            "classification",
+            subset_of_weights="all",
+            hessian_structure=la_cfg.hessian_structure,
+            prior_precision=lam,
+            temperature=len(fit_loader.dataset) / n_train,
+            backend=backend_class(la_cfg.backend),
+        )
         la.fit(fit_loader)
         probs, labels = [], []
         for x, y in test:
-            probs.append(la(x.to(device), pred_type="nn", link_approx="mc", n_samples=la_cfg.n_samples).float().cpu())
+            probs.append(
+                la(x.to(device), pred_type="nn", link_approx="mc", n_samples=la_cfg.n_samples).float().cpu()
+            )
             labels.append(y)
         eces[name] = metrics.expected_calibration_error(torch.cat(probs), torch.cat(labels))
     for n, p in model.named_parameters():
@@ -148,25 +165,36 @@ def main():
     parser.add_argument("--prior-precision", type=float, default=100.0)
     parser.add_argument("--structure", choices=["diag", "kron"], default="diag")
     parser.add_argument("--backend", choices=list(BACKENDS), default="exact", help="A's curvature backend")
-    parser.add_argument("--naive-backend", choices=list(BACKENDS), nargs="+", default=["curvlinops", "exact"],
-                        help="B's curvature backends, each measured (curvlinops = laplace-torch's default)")
+    parser.add_argument(
+        "--naive-backend",
+        choices=list(BACKENDS),
+        nargs="+",
+        default=["curvlinops", "exact"],
+        help="B's curvature backends, each measured (curvlinops = laplace-torch's default)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(len(psutil.Process().cpu_affinity()))
 
-    model, train, transform, test, device, n_train = (vit_b16_setup if args.vit_b16 else tiny_setup)(args)
+    model, fit_loader, test, device, n_train = (vit_b16_setup if args.vit_b16 else tiny_setup)(args)
     subsets = layer_subsets(num_blocks(model))
-    print(f"model: {'ViT-B/16 (random), 100 classes' if args.vit_b16 else 'distlap/vit-tiny-fmnist, 5 classes'}; "
-          f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} tuned params; device {device}; "
-          f"{len(subsets)} subsets; K={args.samples}; fit {min(args.fit_examples, len(train))} / test "
-          f"{len(test.dataset)} examples; {args.structure}; lambda={args.prior_precision:g}; "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"model: {'ViT-B/16 (random), 100 classes' if args.vit_b16 else 'vit-tiny-fmnist, 5 classes'}; "
+        f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} tuned params; device {device}; "
+        f"{len(subsets)} subsets; K={args.samples}; fit {len(fit_loader.dataset)} / test "
+        f"{len(test.dataset)} examples; {args.structure}; lambda={args.prior_precision:g}; "
+        f"{torch.get_num_threads()} threads"
+    )
     lam = args.prior_precision
 
     def cfg(backend: str) -> LaplaceConfig:
-        return LaplaceConfig(hessian_structure=args.structure, backend=backend, n_samples=args.samples,
-                             fit_examples=args.fit_examples, batch_size=16 if args.vit_b16 else 32)
+        return LaplaceConfig(
+            hessian_structure=args.structure,
+            backend=backend,
+            n_samples=args.samples,
+            fit_examples=args.fit_examples,
+            batch_size=16 if args.vit_b16 else 32,
+        )
 
-    fit_loader = fit_subset_loader(train, cfg(args.backend), 0, transform)
     with PeakMemory(device) as a:
         ece_a = engine(model, fit_loader, test, device, cfg(args.backend), subsets, 0, n_train, lam)
     b, ece_b = {}, {}
@@ -175,16 +203,35 @@ def main():
             ece_b[backend] = naive(model, fit_loader, test, device, cfg(backend), subsets, 0, n_train, lam)
     ece_a2 = engine(model, fit_loader, test, device, cfg(args.backend), subsets, 1, n_train, lam)
 
-    print(f"{'subset':>9}  {'ECE A':>8}  " + "  ".join(f"{'ECE B ' + n:>16}" for n in b) + f"  {'ECE A seed 1':>12}")
+    print(
+        f"{'subset':>9}  {'ECE A':>8}  "
+        + "  ".join(f"{'ECE B ' + n:>16}" for n in b)
+        + f"  {'ECE A seed 1':>12}"
+    )
     for k in subsets:
-        print(f"{k:>9}  {ece_a[k]:8.4f}  " + "  ".join(f"{ece_b[n][k]:16.4f}" for n in b) + f"  {ece_a2[k]:12.4f}")
+        print(
+            f"{k:>9}  {ece_a[k]:8.4f}  "
+            + "  ".join(f"{ece_b[n][k]:16.4f}" for n in b)
+            + f"  {ece_a2[k]:12.4f}"
+        )
     print(f"A (distlap engine, {args.backend + ')':11} {a.seconds:8.1f} s   peak memory {a.gib:.2f} GiB")
     for name, run in b.items():
         diff = max(abs(ece_a[k] - ece_b[name][k]) for k in subsets)
-        print(f"B (naive refit, {name + ')':14} {run.seconds:8.1f} s   peak memory {run.gib:.2f} GiB   "
-              f"B/A = {run.seconds / a.seconds:.2f}x   max |ECE_A - ECE_B| = {diff:.4f}")
-    print(f"Monte-Carlo spread of ECE (A, seed 0 vs seed 1, max over subsets): "
-          f"{max(abs(ece_a[k] - ece_a2[k]) for k in subsets):.4f}")
+        print(
+            f"B (naive refit, {name + ')':14} {run.seconds:8.1f} s   peak memory {run.gib:.2f} GiB   "
+            f"B/A = {run.seconds / a.seconds:.2f}x   max |ECE_A - ECE_B| = {diff:.4f}"
+        )
+    spread = max(abs(ece_a[k] - ece_a2[k]) for k in subsets)
+    print(f"Monte-Carlo spread of ECE (A, seed 0 vs seed 1, max over subsets): {spread:.4f}")
+    figures = {
+        "a_seconds": a.seconds,
+        "a_peak_gib": a.gib,
+        "mc_spread_ece": spread,
+        **{f"b_{n}_seconds": r.seconds for n, r in b.items()},
+        **{f"b_{n}_peak_gib": r.gib for n, r in b.items()},
+        **{f"ratio_b_{n}_over_a": r.seconds / a.seconds for n, r in b.items()},
+    }
+    print(f"written: {write_benchmark('layerwise_eval', vars(args), figures)}")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ import numpy as np
 import psutil
 import ray
 
-from distlap.sweep import run_sweep
-from distlap.sweep_config import SweepConfig, load_sweep_config, resolve
+from distlap.provenance import write_benchmark
+from distlap.sweep.driver import run_sweep
+from distlap.sweep.settings import SweepConfig, load_sweep_config, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,41 +63,72 @@ def main(argv: list[str] | None = None) -> None:
 
     base = load_sweep_config(args.config, args.overrides)
     points = fixed_points(base, args.trials)
-    point_override = "search.points_to_evaluate=[" + ", ".join(
-        "{" + ", ".join(f"{k}: {v}" for k, v in p.items()) + "}" for p in points) + "]"
+    point_override = (
+        "search.points_to_evaluate=["
+        + ", ".join("{" + ", ".join(f"{k}: {v}" for k, v in p.items()) + "}" for p in points)
+        + "]"
+    )
     ray.init(include_dashboard=False, log_to_driver=True)
     cpus = int(ray.cluster_resources()["CPU"])
     root = args.output or Path(tempfile.mkdtemp(prefix="sweep_concurrency-"))
     walls: dict[str, tuple[float, int, int, float]] = {}
     try:
         for name, extra in variants(cpus, args.threaded).items():
-            cfg = resolve(load_sweep_config(args.config, [
-                *args.overrides, point_override, f"search.num_samples={args.trials}", *extra,
-                f"output_dir={root / name}"]))
+            cfg = resolve(
+                load_sweep_config(
+                    args.config,
+                    [
+                        *args.overrides,
+                        point_override,
+                        f"search.num_samples={args.trials}",
+                        *extra,
+                        f"output_dir={root / name}",
+                    ],
+                )
+            )
             monitor = CpuMonitor()
             monitor.start()
             start = time.perf_counter()
             summary = run_sweep(cfg)
             wall = time.perf_counter() - start
-            walls[name] = (wall, int((summary.status == "ok").sum()), int(cfg.resources.cpus_per_trial),
-                           monitor.stop() / wall)
+            walls[name] = (
+                wall,
+                int((summary.status == "ok").sum()),
+                int(cfg.resources.cpus_per_trial),
+                monitor.stop() / wall,
+            )
     finally:
         ray.shutdown()
 
     t = base.trial
-    print(f"\nsweep_concurrency: {args.trials} trials of {args.config.name} ({t.backbone.name}, "
-          f"max_train={t.data.max_train}, epochs={t.train.epochs}, fit_examples={t.laplace.fit_examples}, "
-          f"n_samples={t.laplace.n_samples}, val/test={t.data.max_val}/{t.data.max_test}) on {cpus} CPUs")
+    print(
+        f"\nsweep_concurrency: {args.trials} trials of {args.config.name} ({t.backbone.name}, "
+        f"max_train={t.data.max_train}, epochs={t.train.epochs}, fit_examples={t.laplace.fit_examples}, "
+        f"n_samples={t.laplace.n_samples}, val/test={t.data.max_val}/{t.data.max_test}) on {cpus} CPUs"
+    )
     print(f"points: {points}")
-    print(f"{'variant':<12} {'threads/trial':>13} {'trials ok':>9} {'wall s':>8} {'s/trial':>8} "
-          f"{'speed-up':>9} {'others CPUs':>11}")
+    print(
+        f"{'variant':<12} {'threads/trial':>13} {'trials ok':>9} {'wall s':>8} {'s/trial':>8} "
+        f"{'speed-up':>9} {'others CPUs':>11}"
+    )
     sequential = walls["sequential"][0]
     for name, (wall, ok, threads, busy) in walls.items():
-        print(f"{name:<12} {threads:>13} {ok:>9} {wall:>8.1f} {wall / args.trials:>8.1f} "
-              f"{sequential / wall:>8.2f}x {busy:>11.2f}")
-    print("others CPUs: mean cores kept busy by processes outside this benchmark during the variant; "
-          "anything above ~0.1 means the timings shared the machine.")
+        print(
+            f"{name:<12} {threads:>13} {ok:>9} {wall:>8.1f} {wall / args.trials:>8.1f} "
+            f"{sequential / wall:>8.2f}x {busy:>11.2f}"
+        )
+    print(
+        "others CPUs: mean cores kept busy by processes outside this benchmark during the variant; "
+        "anything above ~0.1 means the timings shared the machine."
+    )
     print(f"ratio sequential / concurrent = {sequential / walls['concurrent'][0]:.2f} (target >= 1.6)")
+    figures = {
+        name: {"wall_s": wall, "trials_ok": ok, "threads_per_trial": threads, "other_cpus_busy": busy}
+        for name, (wall, ok, threads, busy) in walls.items()
+    }
+    figures["ratio_sequential_over_concurrent"] = sequential / walls["concurrent"][0]
+    settings = {**{k: str(v) for k, v in vars(args).items()}, "points": points, "cpus": cpus}
+    print(f"written: {write_benchmark('sweep_concurrency', settings, figures)}")
 
 
 class CpuMonitor(threading.Thread):
@@ -112,7 +144,7 @@ class CpuMonitor(threading.Thread):
 
     def run(self) -> None:
         machine0 = _machine_busy_s()
-        self._sample()       # baseline: count only what is spent from now on
+        self._sample()  # baseline: count only what is spent from now on
         self.ours = 0.0
         while not self._done.wait(1.0):
             self._sample()
@@ -138,7 +170,8 @@ class CpuMonitor(threading.Thread):
 
 def _machine_busy_s() -> float:
     """CPU-seconds the whole machine has spent busy since boot (/proc/stat; every process counts)."""
-    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 

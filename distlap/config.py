@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from distlap.zoo import TINY_BACKBONES
+
 
 class ConfigError(ValueError):
     """An invalid setting; the message names the field, the value and what is allowed."""
@@ -23,14 +25,20 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     dataset: Literal["fashion_mnist", "cifar10", "cifar100"] = Field(
-        "fashion_mnist", description="Which data set the task is drawn from.")
+        "fashion_mnist", description="Which data set the task is drawn from."
+    )
     path: str | None = Field(
-        None, description="fashion_mnist: directory with the idx(.gz) files (default "
+        None,
+        description="fashion_mnist: directory with the idx(.gz) files (default "
         "/usr/share/datasets/fashion-mnist). cifar*: a `save_to_disk` directory, or a hub id "
-        "(default uoft-cs/cifar10 / uoft-cs/cifar100).")
+        "(default uoft-cs/cifar10 / uoft-cs/cifar100).",
+    )
     classes: list[int] | None = Field(
-        None, description="Class subset of the task, relabelled 0..k-1 in this order; None = all classes.")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the train split held out for validation.")
+        None, description="Class subset of the task, relabelled 0..k-1 in this order; None = all classes."
+    )
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of the train split held out for validation."
+    )
     max_train: int | None = Field(None, gt=0, description="Cap on training examples (seeded subsample).")
     max_val: int | None = Field(None, gt=0, description="Cap on validation examples.")
     max_test: int | None = Field(None, gt=0, description="Cap on test examples.")
@@ -45,22 +53,29 @@ class DataConfig(_Strict):
 
 class BackboneConfig(_Strict):
     name: str = Field(
-        "distlap/vit-tiny-fmnist", description="A hub id (google/vit-base-patch16-224), a local "
+        "distlap/vit-tiny-fmnist",
+        description="A hub id (google/vit-base-patch16-224), a local "
         "directory written by `save_pretrained`, or one of distlap's own tiny backbones "
-        "(pretrained on the upstream classes on first use, then cached).")
+        "(pretrained on the upstream classes on first use, then cached).",
+    )
     cache_dir: str | None = Field(
-        None, description="Where distlap's own tiny backbones are cached (default ~/.cache/distlap).")
+        None, description="Where distlap's own tiny backbones are cached (default ~/.cache/distlap)."
+    )
 
 
 class PeftConfig(_Strict):
     method: Literal["lora", "norm", "hybrid"] = Field(
-        "lora", description="lora: low-rank adapters; norm: LayerNorm tuning; hybrid: both. Head always trained.")
+        "lora",
+        description="lora: low-rank adapters; norm: LayerNorm tuning; hybrid: both. Head always trained.",
+    )
     rank: int = Field(8, gt=0, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (update is scaled by alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | None = Field(
-        None, description="Module-name suffixes LoRA adapts; None = the query and value projections "
-        "under whichever names the installed transformers uses.")
+        None,
+        description="Module-name suffixes LoRA adapts; None = the query and value projections "
+        "under whichever names the installed transformers uses.",
+    )
 
 
 class TrainConfig(_Strict):
@@ -70,12 +85,17 @@ class TrainConfig(_Strict):
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warm-up.")
     prior_precision: float = Field(
-        1.0, gt=0, description="Isotropic Gaussian prior precision lambda on the tuned parameters; "
-        "the MAP objective uses weight decay lambda / N.")
+        1.0,
+        gt=0,
+        description="Isotropic Gaussian prior precision lambda on the tuned parameters; "
+        "the MAP objective uses weight decay lambda / N.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto = CUDA with bf16 autocast when present, else CPU fp32.")
+        "auto", description="auto = CUDA with bf16 autocast when present, else CPU fp32."
+    )
     num_threads: int | None = Field(
-        None, gt=0, description="torch intra-op threads; None = the CPUs this process may use.")
+        None, gt=0, description="torch intra-op threads; None = the CPUs this process may use."
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; None = off.")
 
 
@@ -83,39 +103,54 @@ class LaplaceConfig(_Strict):
     """The Laplace stage: one fit over the tuned block parameters, then a restricted posterior per subset."""
 
     hessian_structure: Literal["diag", "kron"] = Field(
-        "diag", description="Posterior precision structure (GGN). kron refuses LayerNorm parameters.")
+        "diag", description="Posterior precision structure (GGN). kron refuses LayerNorm parameters."
+    )
     backend: Literal["auto", "exact", "curvlinops", "asdl", "backpack"] = Field(
-        "auto", description="GGN curvature backend. auto: exact for diag, curvlinops for kron. exact: "
+        "auto",
+        description="GGN curvature backend. auto: exact for diag, curvlinops for kron. exact: "
         "distlap's exact GGN diagonal (distlap/curvature.py; Linear and LayerNorm parameters), as fast as "
         "asdl. curvlinops: laplace-torch's exact path, 5-10x slower on CPU. asdl: its diag treats a ViT's "
         "tokens as independent examples (off by up to ~50% per parameter on a tiny ViT) and it cannot "
         "fit hybrid's LayerNorm copies. backpack refuses frozen parameters. Every diag backend but asdl "
-        "equals a naive per-example Jacobian reference (tests/test_curvature.py).")
+        "equals a naive per-example Jacobian reference (tests/test_curvature.py).",
+    )
     fit_examples: int | None = Field(
-        1000, gt=0, description="Seeded subset of the training split the Hessian is fitted on; None = all.")
+        1000, gt=0, description="Seeded subset of the training split the Hessian is fitted on; None = all."
+    )
     batch_size: int = Field(32, gt=0, description="Batch size of the fit and of Jacobian passes.")
     prior_method: Literal["fixed", "marglik", "gridsearch"] = Field(
-        "fixed", description="fixed: lambda = train.prior_precision (the MAP's prior); marglik: "
+        "fixed",
+        description="fixed: lambda = train.prior_precision (the MAP's prior); marglik: "
         "laplace-torch maximises the marginal likelihood; gridsearch: best validation NLL of the "
-        "'all' posterior over a log grid.")
+        "'all' posterior over a log grid.",
+    )
     include_norms: bool = Field(
-        True, description="Put tuned LayerNorm parameters (norm / hybrid) into the posterior "
-        "(diag only); False keeps them at the MAP.")
+        True,
+        description="Put tuned LayerNorm parameters (norm / hybrid) into the posterior "
+        "(diag only); False keeps them at the MAP.",
+    )
     predictive: Literal["nn", "glm"] = Field(
-        "nn", description="nn: Monte-Carlo model averaging; glm: linearised predictive.")
-    link_approx: Literal["mc", "probit"] = Field("probit", description="glm only (ignored by nn): how logits go through the softmax.")
+        "nn", description="nn: Monte-Carlo model averaging; glm: linearised predictive."
+    )
+    link_approx: Literal["mc", "probit"] = Field(
+        "probit", description="glm only (ignored by nn): how logits go through the softmax."
+    )
     n_samples: int = Field(30, gt=0, description="Posterior samples (nn, and glm with link_approx=mc).")
     subsets: dict[str, list[int]] = Field(
-        default_factory=dict, description="Extra named subsets of block indices, evaluated beside "
-        "layer_0..layer_{L-1}, early, mid, late and all.")
+        default_factory=dict,
+        description="Extra named subsets of block indices, evaluated beside "
+        "layer_0..layer_{L-1}, early, mid, late and all.",
+    )
     n_bootstrap: int = Field(1000, gt=0, description="Paired bootstrap resamples for the Delta-ECE CI.")
     eval_batch_size: int = Field(256, gt=0)
 
     @model_validator(mode="after")
     def _exact_is_diagonal(self) -> LaplaceConfig:
         if self.backend == "exact" and self.hessian_structure != "diag":
-            raise ValueError("laplace.backend=exact computes the GGN diagonal only; for kron use "
-                             "laplace.backend=curvlinops (or auto)")
+            raise ValueError(
+                "laplace.backend=exact computes the GGN diagonal only; for kron use "
+                "laplace.backend=curvlinops (or auto)"
+            )
         return self
 
     @property
@@ -124,7 +159,6 @@ class LaplaceConfig(_Strict):
         if self.backend != "auto":
             return self.backend
         return "exact" if self.hessian_structure == "diag" else "curvlinops"
-
 
 
 class TrialConfig(_Strict):
@@ -143,8 +177,6 @@ class TrialConfig(_Strict):
     @classmethod
     def _downstream_classes(cls, raw: Any) -> Any:
         """A tiny distlap backbone with no class subset given -> the classes it was NOT pretrained on."""
-        from distlap.backbones import TINY_BACKBONES  # local: keep config import light
-
         if not isinstance(raw, dict):
             return raw
         backbone, data = raw.get("backbone") or {}, raw.get("data") or {}
@@ -155,8 +187,10 @@ class TrialConfig(_Strict):
             return raw
         dataset = data.get("dataset", DataConfig.model_fields["dataset"].default)
         if dataset != recipe.dataset:
-            raise ValueError(f"backbone.name={backbone.get('name')!r} is pretrained on {recipe.dataset} "
-                             f"images; data.dataset={dataset!r} needs a hub or local backbone")
+            raise ValueError(
+                f"backbone.name={backbone.get('name')!r} is pretrained on {recipe.dataset} "
+                f"images; data.dataset={dataset!r} needs a hub or local backbone"
+            )
         if data.get("classes") is None:
             data = {**data, "classes": list(recipe.downstream_classes)}
         return {**raw, "data": data}
@@ -165,15 +199,20 @@ class TrialConfig(_Strict):
     def _kron_excludes_norms(self) -> TrialConfig:
         la = self.laplace
         if la.hessian_structure == "kron" and self.peft.method == "norm":
-            raise ValueError("laplace.hessian_structure=kron cannot cover LayerNorm parameters and "
-                             "peft.method=norm tunes nothing else; use laplace.hessian_structure=diag")
+            raise ValueError(
+                "laplace.hessian_structure=kron cannot cover LayerNorm parameters and "
+                "peft.method=norm tunes nothing else; use laplace.hessian_structure=diag"
+            )
         if la.hessian_structure == "kron" and self.peft.method == "hybrid" and la.include_norms:
-            raise ValueError("laplace.hessian_structure=kron cannot cover the LayerNorm parameters of "
-                             "peft.method=hybrid; set laplace.include_norms=false or use diag")
+            raise ValueError(
+                "laplace.hessian_structure=kron cannot cover the LayerNorm parameters of "
+                "peft.method=hybrid; set laplace.include_norms=false or use diag"
+            )
         return self
 
 
 # --- loading -------------------------------------------------------------------------------------
+
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``["peft.rank=4", "data.classes=[5,6]"]`` -> nested dict; values are parsed as YAML."""
@@ -232,8 +271,9 @@ def build(model: type[BaseModel], raw: dict[str, Any]):
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                model: type[BaseModel] = TrialConfig):
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, model: type[BaseModel] = TrialConfig
+):
     """YAML file (optional) + ``key=value`` overrides -> validated, frozen config object."""
     raw = read_yaml(path) if path is not None else {}
     raw = deep_merge(raw, parse_overrides(overrides or []))

@@ -27,11 +27,12 @@ from torch import Tensor
 
 Metric = Callable[[Tensor, Tensor], float]
 
-_PROB_ATOL = 1e-3        # slack on "entries in [0, 1] and rows sum to 1" for float32 round-off
+_PROB_ATOL = 1e-3  # slack on "entries in [0, 1] and rows sum to 1" for float32 round-off
 _CHUNK_ELEMENTS = 2**20  # resampled (replicate, example) pairs reduced at once; bounds memory
 
 
 # ---------------------------------------------------------------------------------------- validation
+
 
 def _check_inputs(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     probs, labels = torch.as_tensor(probs).detach(), torch.as_tensor(labels).detach()
@@ -59,8 +60,10 @@ def _check_count(name: str, value: int) -> None:
 
 # -------------------------------------------------------------- per-example terms and their reductions
 
+
 class _Batched(NamedTuple):
     """A metric as per-example columns (each (N,)) and a reduction of resampled columns (R, n) -> (R,)."""
+
     per_example: Callable[..., tuple[Tensor, ...]]
     reduce: Callable[..., Tensor]
 
@@ -146,6 +149,7 @@ _MCE = _Batched(_calibration_terms, _mce_reduce)
 
 # ------------------------------------------------------------------------------------------ metrics
 
+
 def accuracy(probs: Tensor, labels: Tensor) -> float:
     """Top-1 accuracy: (1/N) sum_i 1[argmax_c p_ic = y_i]."""
     return _scalar(_ACCURACY, probs, labels)
@@ -186,10 +190,11 @@ class ReliabilityBins:
     Bin m covers [edges[m], edges[m+1]); the last bin also holds confidence exactly 1.0. Empty bins
     have ``count`` 0 and ``float('nan')`` confidence and accuracy (``json.dumps`` writes ``NaN``).
     """
-    edges: list[float]       # n_bins + 1 boundaries, 0.0 ... 1.0
+
+    edges: list[float]  # n_bins + 1 boundaries, 0.0 ... 1.0
     confidence: list[float]  # n_bins: mean max-probability in the bin
-    accuracy: list[float]    # n_bins: fraction correct in the bin
-    count: list[int]         # n_bins: examples in the bin; sums to N
+    accuracy: list[float]  # n_bins: fraction correct in the bin
+    count: list[int]  # n_bins: examples in the bin; sums to N
 
 
 def reliability_bins(probs: Tensor, labels: Tensor, n_bins: int = 15) -> ReliabilityBins:
@@ -202,25 +207,32 @@ def reliability_bins(probs: Tensor, labels: Tensor, n_bins: int = 15) -> Reliabi
     bins, conf, correct = _calibration_terms(probs, labels, n_bins)  # (N,) each
     sums = _bin_sums(bins[None], conf[None], correct[None], n_bins)
     count, conf_sum, correct_sum = (s[0] for s in sums)  # (n_bins,) each
-    return ReliabilityBins(edges=torch.linspace(0, 1, n_bins + 1).tolist(),
-                           confidence=(conf_sum / count).tolist(),  # 0/0 = nan for empty bins
-                           accuracy=(correct_sum / count).tolist(), count=count.long().tolist())
+    return ReliabilityBins(
+        edges=torch.linspace(0, 1, n_bins + 1).tolist(),
+        confidence=(conf_sum / count).tolist(),  # 0/0 = nan for empty bins
+        accuracy=(correct_sum / count).tolist(),
+        count=count.long().tolist(),
+    )
 
 
 def summarize(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, float]:
     """All scalar metrics under the keys ``accuracy``, ``ece``, ``mce``, ``nll``, ``brier``."""
-    return {"accuracy": accuracy(probs, labels),
-            "ece": expected_calibration_error(probs, labels, n_bins),
-            "mce": maximum_calibration_error(probs, labels, n_bins),
-            "nll": negative_log_likelihood(probs, labels),
-            "brier": brier_score(probs, labels)}
+    return {
+        "accuracy": accuracy(probs, labels),
+        "ece": expected_calibration_error(probs, labels, n_bins),
+        "mce": maximum_calibration_error(probs, labels, n_bins),
+        "nll": negative_log_likelihood(probs, labels),
+        "brier": brier_score(probs, labels),
+    }
 
 
 # ---------------------------------------------------------------------------------------- bootstrap
 
+
 @dataclass(frozen=True)
 class BootstrapCI:
     """A percentile bootstrap interval for metric(a) - metric(b)."""
+
     estimate: float  # metric(a) - metric(b) on the full data
     low: float
     high: float
@@ -228,9 +240,13 @@ class BootstrapCI:
     n_resamples: int
 
 
-_FAST: dict[Callable, _Batched] = {accuracy: _ACCURACY, expected_calibration_error: _ECE,
-                                   maximum_calibration_error: _MCE, negative_log_likelihood: _NLL,
-                                   brier_score: _BRIER}
+_FAST: dict[Callable, _Batched] = {
+    accuracy: _ACCURACY,
+    expected_calibration_error: _ECE,
+    maximum_calibration_error: _MCE,
+    negative_log_likelihood: _NLL,
+    brier_score: _BRIER,
+}
 
 
 def _fast_path(metric: Metric) -> tuple[_Batched, dict] | None:
@@ -256,8 +272,16 @@ def _replicate_differences(metric: Metric, a: Tensor, b: Tensor, labels: Tensor,
     return torch.tensor([metric(a[i], labels[i]) - metric(b[i], labels[i]) for i in idx], dtype=torch.float64)
 
 
-def paired_bootstrap_ci(metric: Metric, probs_a: Tensor, probs_b: Tensor, labels: Tensor, *,
-                        n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> BootstrapCI:
+def paired_bootstrap_ci(
+    metric: Metric,
+    probs_a: Tensor,
+    probs_b: Tensor,
+    labels: Tensor,
+    *,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> BootstrapCI:
     """Paired percentile bootstrap (Efron & Tibshirani 1993) for metric(a) - metric(b).
 
     Each replicate draws N examples with replacement and evaluates both predictives on the same
@@ -281,10 +305,19 @@ def paired_bootstrap_ci(metric: Metric, probs_a: Tensor, probs_b: Tensor, labels
     return BootstrapCI(float(estimate), low, high, level, n_resamples)
 
 
-def delta_ece_ci(probs_map: Tensor, probs_bayes: Tensor, labels: Tensor, *, n_bins: int = 15,
-                 n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> BootstrapCI:
+def delta_ece_ci(
+    probs_map: Tensor,
+    probs_bayes: Tensor,
+    labels: Tensor,
+    *,
+    n_bins: int = 15,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> BootstrapCI:
     """Delta_ECE = ECE_MAP - ECE_Bayes with a paired bootstrap interval over test examples; positive
     means the Bayesian predictive is better calibrated than the MAP one."""
     ece = functools.partial(expected_calibration_error, n_bins=n_bins)
-    return paired_bootstrap_ci(ece, probs_map, probs_bayes, labels,
-                               n_resamples=n_resamples, level=level, seed=seed)
+    return paired_bootstrap_ci(
+        ece, probs_map, probs_bayes, labels, n_resamples=n_resamples, level=level, seed=seed
+    )

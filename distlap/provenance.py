@@ -9,8 +9,18 @@ from pathlib import Path
 
 import torch
 
-PACKAGES = ("distlap", "torch", "torchvision", "transformers", "peft", "laplace-torch", "datasets",
-            "ray", "optuna", "mlflow")
+PACKAGES = (
+    "distlap",
+    "torch",
+    "torchvision",
+    "transformers",
+    "peft",
+    "laplace-torch",
+    "datasets",
+    "ray",
+    "optuna",
+    "mlflow",
+)
 
 
 def git_state(repo: Path | None = None) -> dict[str, str | bool | None]:
@@ -45,5 +55,53 @@ def device_name() -> str:
 
 
 def provenance() -> dict:
-    return {**git_state(), "packages": package_versions(), "device": device_name(),
-            "python": platform.python_version(), "host": platform.node()}
+    return {
+        **git_state(),
+        "packages": package_versions(),
+        "device": device_name(),
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
+
+
+def machine() -> dict:
+    """What a timing depends on: CPUs this process may use, memory, the device."""
+    import os
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count()
+    try:
+        with open("/proc/meminfo") as f:
+            mem_gib = int(f.readline().split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        mem_gib = None
+    return {
+        "cpus": cpus,
+        "memory_gib": mem_gib,
+        "processor": platform.processor() or platform.machine(),
+        "device": device_name(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def write_benchmark(
+    name: str, settings: dict, figures: dict, out_dir: str | Path = "runs/benchmarks"
+) -> Path:
+    """``<out_dir>/<name>-<timestamp>.json``: a benchmark's figures with its settings, the git commit,
+    package versions and the machine, so that every number knows where it came from."""
+    import json
+    import time
+
+    path = Path(out_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "benchmark": name,
+        "settings": settings,
+        "figures": figures,
+        "machine": machine(),
+        "provenance": provenance(),
+    }
+    path.write_text(json.dumps(record, indent=2, default=str))
+    return path

@@ -1,10 +1,11 @@
-"""Where and how tensors run: device choice, bf16 autocast on CUDA, seeds, CPU threads."""
+"""Where and how tensors run: device choice, bf16 autocast on CUDA, seeds, CPU threads, prediction, timing."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import random
+import time
 
 import numpy as np
 import torch
@@ -47,3 +48,30 @@ def set_threads(num_threads: int | None = None) -> int:
     n = num_threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or available_cpus()
     torch.set_num_threads(n)
     return n
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A network's own predictive: softmax probabilities (N, K) in fp32 and labels (N,), on the CPU.
+
+    The forward pass runs under :func:`autocast` (bf16 on CUDA); the softmax in fp32.
+    """
+    model.eval().to(device)
+    probs, labels = [], []
+    for x, y in loader:
+        with autocast(device):
+            logits = model(x.to(device))  # (B, K)
+        probs.append(torch.softmax(logits.float(), dim=-1).cpu())
+        labels.append(y)
+    return torch.cat(probs), torch.cat(labels)
+
+
+class Timer:
+    """``with Timer() as t: ...`` then ``t.seconds``: wall-clock seconds of the block."""
+
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start

@@ -1,8 +1,8 @@
-"""One trial, end to end, without Ray: data -> backbone -> PEFT -> MAP fine-tuning -> metrics.
+"""One trial without Ray: fine-tune to the MAP (:mod:`distlap.finetune`), then optionally the layer-wise
+Laplace study (:mod:`distlap.bayes`), and the trial's metrics under :mod:`distlap.names` keys.
 
-``python -m distlap.trial [--config X.yaml] [key=value ...] [--output DIR]`` prints the result as
-JSON (accuracy, ECE, NLL, Brier, tuned params %, time per epoch, provenance). The sweeps call
-:func:`fine_tune` / :func:`run_trial` in their Ray workers.
+``python -m distlap.trial [--config X.yaml] [key=value ...] [--output DIR] [--layerwise]`` prints the
+result as JSON. The sweep's Ray trials (:mod:`distlap.sweep.trainable`) call the same functions.
 """
 
 from __future__ import annotations
@@ -11,126 +11,155 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from torch import nn
-
-from distlap import metrics
-from distlap.adapters import TunedParams, apply_peft, tuned_params
-from distlap.backbones import BackboneError, LogitsModel, load_backbone
+from distlap import names
+from distlap.bayes.evaluate import split_scores
+from distlap.bayes.layerwise import LaplaceData, NNEvaluator, Scoring, run_layerwise, write_results
 from distlap.config import ConfigError, TrialConfig, load_config, to_yaml
-from distlap.data import DataError, ImageTransform, Splits, load_splits, make_loader
+from distlap.finetune.backbones import BackboneError
+from distlap.finetune.data import DataError
+from distlap.finetune.run import FineTuned, fine_tune
 from distlap.provenance import provenance
-from distlap.runtime import resolve_device, seed_everything, set_threads
-from distlap.train import TrainResult, fit_map, predict
-
-EVAL_BATCH = 256
-RESULT_FILE = "trial_result.json"
+from distlap.runtime import predict
 
 
-@dataclass
-class FineTuned:
-    """A fine-tuned trial: everything the Laplace stage needs next."""
-
-    cfg: TrialConfig
-    model: LogitsModel          # pixel_values -> logits, wrapping the peft model
-    transform: ImageTransform
-    splits: Splits
-    train: TrainResult
-    tuned: TunedParams
-    device: torch.device
-
-    @property
-    def peft_model(self) -> nn.Module:
-        return self.model.model
-
-    def loader(self, split: str, *, batch_size: int = EVAL_BATCH, shuffle: bool = False):
-        return make_loader(getattr(self.splits, split), batch_size, shuffle=shuffle,
-                           seed=self.cfg.seed, transform=self.transform)
+def laplace_data(ft: FineTuned) -> LaplaceData:
+    """The Laplace stage's view of a fine-tuned trial: its model, the fit subset, validation and test."""
+    la = ft.cfg.laplace
+    return LaplaceData(
+        model=ft.model,
+        method=ft.cfg.peft.method,
+        fit=ft.loader("train", batch_size=la.batch_size, max_examples=la.fit_examples),
+        val=ft.loader("val", batch_size=la.eval_batch_size),
+        test=ft.loader("test", batch_size=la.eval_batch_size),
+        n_train=len(ft.splits.train),
+        device=ft.device,
+    )
 
 
-def fine_tune(cfg: TrialConfig, *, log=print) -> FineTuned:
-    seed_everything(cfg.seed)
-    threads = set_threads(cfg.train.num_threads)
-    device = resolve_device(cfg.train.device)
-    splits = load_splits(cfg.data, seed=cfg.seed)
-    log(f"[distlap] data {cfg.data.dataset} classes={cfg.data.classes or 'all'}: train {len(splits.train)}, "
-        f"val {len(splits.val)}, test {len(splits.test)}; device {device}, {threads} threads")
-    backbone, transform = load_backbone(cfg.backbone.name, splits.num_classes,
-                                        cache_dir=cfg.backbone.cache_dir, seed=cfg.seed,
-                                        data_path=cfg.data.path)
-    model = LogitsModel(apply_peft(backbone, cfg.peft))
-    tuned = tuned_params(model.model)
-    log(f"[distlap] {cfg.peft.method} on {cfg.backbone.name}: {tuned.trainable:,} of {tuned.total:,} "
-        f"parameters tuned ({tuned.pct:.2f}%)")
-    ft = FineTuned(cfg, model, transform, splits, TrainResult(status="ok"), tuned, device)
-    ft.train = fit_map(model, ft.loader("train", batch_size=cfg.train.batch_size, shuffle=True),
-                       ft.loader("val"), cfg.train, device, n_bins=cfg.n_bins,
-                       on_epoch=lambda row: log(_epoch_line(row, cfg.train.epochs)))
-    if ft.train.status != "ok":
-        log(f"[distlap] fine-tuning FAILED: {ft.train.message}")
-    return ft
+def layerwise(
+    ft: FineTuned, *, only: Sequence[str] | None = None, evaluate_nn: NNEvaluator | None = None, log=print
+) -> dict:
+    """The layer-wise study of ``ft`` with its config's Laplace settings (see :func:`run_layerwise`)."""
+    cfg = ft.cfg
+    scoring = Scoring(n_bins=cfg.n_bins, n_bootstrap=cfg.laplace.n_bootstrap, seed=cfg.seed)
+    return run_layerwise(
+        laplace_data(ft),
+        cfg.laplace,
+        prior_precision=cfg.train.prior_precision,
+        scoring=scoring,
+        only=only,
+        evaluate_nn=evaluate_nn,
+        log=log,
+    )
 
 
-def _epoch_line(row: dict, epochs: int) -> str:
-    return (f"[distlap] epoch {row['epoch']}/{epochs}: train loss {row['train/loss']:.4f}, "
-            f"val acc {row['val/accuracy']:.4f}, val ece {row['val/ece']:.4f} ({row['time_per_epoch_s']:.1f}s)")
-
-
-def evaluate_map(ft: FineTuned) -> dict[str, float]:
-    """MAP metrics on validation and test, namespaced ``val/ece``, ``test/accuracy``, ..."""
+def map_metrics(ft: FineTuned) -> dict[str, float]:
+    """The MAP's scores on validation and test: ``map/val/ece``, ``map/test/accuracy``, ..."""
     out = {}
     for split in ("val", "test"):
         probs, labels = predict(ft.model, ft.loader(split), ft.device)
-        out.update({f"{split}/{k}": v for k, v in metrics.summarize(probs, labels, ft.cfg.n_bins).items()})
+        out.update(split_scores("map", split, probs, labels, ft.cfg.n_bins))
     return out
 
 
-def run_trial(cfg: TrialConfig, *, log=print) -> dict:
-    """Fine-tune and evaluate one config; write ``trial_result.json`` (and the adapter) if asked to."""
-    start = time.perf_counter()
-    ft = fine_tune(cfg, log=log)
-    result = {
-        "status": ft.train.status,
-        "message": ft.train.message,
-        "metrics": {"tuned_params": ft.tuned.trainable, "tuned_params_pct": ft.tuned.pct,
-                    "time_per_epoch_s": ft.train.time_per_epoch_s},
-        "history": ft.train.history,
+def costs(ft: FineTuned, wall_time_s: float) -> dict[str, float]:
+    return {
+        names.TUNED_PARAMS: ft.tuned.trainable,
+        names.TUNED_PARAMS_PCT: ft.tuned.pct,
+        names.TIME_PER_EPOCH: ft.train.time_per_epoch_s,
+        names.WALL_TIME: wall_time_s,
     }
-    if ft.train.status == "ok":
-        result["metrics"].update(evaluate_map(ft))
-    result["metrics"]["wall_time_s"] = time.perf_counter() - start
-    result.update(config=cfg.model_dump(mode="json"), provenance=provenance())
-    if cfg.output_dir:
-        write_trial(ft, result, Path(cfg.output_dir))
-    return result
 
 
-def write_trial(ft: FineTuned, result: dict, out: Path) -> None:
+def laplace_metrics(result: dict) -> dict:
+    """A layer-wise result's trial-level metrics: the MAP, the posterior with every block Bayesian
+    (``bayes/...``, the subset ``all``), the subset with the largest test Δ_ECE, λ and the timings."""
+    every = {
+        key.replace("subset/", "bayes/", 1): v
+        for key, v in result["subsets"]["all"]["metrics"].items()
+        if key != names.SUBSET_TIME
+    }
+    delta = names.delta("subset", "test", "ece")
+    best = max(result["subsets"], key=lambda name: result["subsets"][name]["metrics"][delta])
+    return {
+        **result["map"]["metrics"],
+        **every,
+        names.BEST_SUBSET: best,
+        **{key: result[key] for key in (names.PRIOR_PRECISION, names.FIT_TIME, names.EVAL_TIME)},
+    }
+
+
+def record(ft: FineTuned, metrics: dict, status: str | None = None, message: str | None = None) -> dict:
+    """The content of ``trial_result.json``."""
+    return {
+        "status": status or ft.train.status,
+        "message": ft.train.message if message is None else message,
+        "metrics": metrics,
+        "history": ft.train.history,
+        "config": ft.cfg.model_dump(mode="json"),
+        "provenance": provenance(),
+    }
+
+
+def write_trial(ft: FineTuned, trial_record: dict, out: Path) -> None:
+    """``config.yaml``, ``trial_result.json`` and (after a successful training) the peft ``adapter/``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(ft.cfg))
-    (out / RESULT_FILE).write_text(json.dumps(result, indent=2))
+    (out / names.CONFIG_FILE).write_text(to_yaml(ft.cfg))
+    (out / names.TRIAL_FILE).write_text(json.dumps(trial_record, indent=2))
     if ft.train.status == "ok":
         ft.peft_model.save_pretrained(out / "adapter")
+
+
+def run_trial(cfg: TrialConfig, *, with_layerwise: bool = False, log=print) -> dict:
+    """Fine-tune and evaluate one config (and the layer-wise study); write the files if ``output_dir``."""
+    start = time.perf_counter()
+    ft = fine_tune(cfg, log=log)
+    metrics = {}
+    if ft.train.status == "ok":
+        metrics.update(map_metrics(ft))
+        if with_layerwise:
+            result = layerwise(ft, log=log)
+            metrics.update(laplace_metrics(result))
+            if cfg.output_dir:
+                write_results(result, Path(cfg.output_dir))
+    trial_record = record(ft, {**metrics, **costs(ft, time.perf_counter() - start)})
+    if cfg.output_dir:
+        write_trial(ft, trial_record, Path(cfg.output_dir))
+    return trial_record
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distlap.trial", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="YAML config (default: the embedded default)")
     parser.add_argument("--output", type=Path, help="output folder (sets output_dir)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. peft.method=norm train.epochs=1")
+    parser.add_argument(
+        "--layerwise",
+        action="store_true",
+        help="after fine-tuning, fit Laplace once and evaluate every layer subset",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. peft.method=norm train.epochs=1"
+    )
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"output_dir={args.output.resolve()}"] if args.output else [])
     try:
         cfg = load_config(args.config, overrides)
-        result = run_trial(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        trial_record = run_trial(
+            cfg, with_layerwise=args.layerwise, log=lambda msg: print(msg, file=sys.stderr, flush=True)
+        )
     except (ConfigError, DataError, BackboneError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({"status": result["status"], "message": result["message"], **result["metrics"]}, indent=2))
-    return 0 if result["status"] == "ok" else 1
+    print(
+        json.dumps(
+            {"status": trial_record["status"], "message": trial_record["message"], **trial_record["metrics"]},
+            indent=2,
+        )
+    )
+    return 0 if trial_record["status"] == "ok" else 1
 
 
 if __name__ == "__main__":

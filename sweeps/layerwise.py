@@ -11,9 +11,19 @@ unreachable cluster, 130 interrupted (continue with --resume --output DIR).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from analysis.report import build_report
-from distlap.sweep_cli import main
+from distlap.sweep.cli import main
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 if __name__ == "__main__":
-    sys.exit(main("layerwise", build_report, description=__doc__.splitlines()[0]))
+    sys.exit(
+        main(
+            "layerwise",
+            (CONFIGS / "default.yaml", CONFIGS / "smoke.yaml"),
+            build_report,
+            description=__doc__.splitlines()[0],
+        )
+    )

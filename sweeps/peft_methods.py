@@ -13,9 +13,19 @@ unreachable cluster, 130 interrupted (continue with --resume --output DIR).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from analysis.peft_methods import build_peft_report
-from distlap.sweep_cli import main
+from distlap.sweep.cli import main
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 if __name__ == "__main__":
-    sys.exit(main("peft_methods", build_peft_report, description=__doc__.splitlines()[0]))
+    sys.exit(
+        main(
+            "peft_methods",
+            (CONFIGS / "peft_methods.yaml", CONFIGS / "peft_methods_smoke.yaml"),
+            build_peft_report,
+            description=__doc__.splitlines()[0],
+        )
+    )

@@ -13,7 +13,11 @@ def test_embedded_default_is_tiny_backbone_on_downstream_classes():
 
 def test_overrides_parse_as_yaml_and_nest():
     assert parse_overrides(["peft.rank=4", "data.classes=[1, 2]", "train.lr=0.5", "output_dir="]) == {
-        "peft": {"rank": 4}, "data": {"classes": [1, 2]}, "train": {"lr": 0.5}, "output_dir": None}
+        "peft": {"rank": 4},
+        "data": {"classes": [1, 2]},
+        "train": {"lr": 0.5},
+        "output_dir": None,
+    }
     assert load_config(overrides=["train.lr=1e-3"]).train.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
 
 
@@ -22,19 +26,24 @@ def test_yaml_then_overrides(tmp_path):
     path.write_text("peft:\n  method: norm\n  rank: 2\ntrain:\n  epochs: 5\n")
     cfg = load_config(path, ["train.epochs=1"])
     assert (cfg.peft.method, cfg.peft.rank, cfg.train.epochs) == ("norm", 2, 1)
-    assert load_config(path.with_name("again.yaml").write_text(to_yaml(cfg)) and
-                       path.with_name("again.yaml")) == cfg  # round trip
+    assert (
+        load_config(path.with_name("again.yaml").write_text(to_yaml(cfg)) and path.with_name("again.yaml"))
+        == cfg
+    )  # round trip
 
 
-@pytest.mark.parametrize("override, match", [
-    ("peft.rank=-1", r"peft\.rank: .*greater than 0.*-1"),
-    ("peft.method=prefix", r"peft\.method: .*'lora', 'norm' or 'hybrid'.*prefix"),
-    ("train.prior_precision=0", r"train\.prior_precision: .*greater than 0"),
-    ("peft.rnak=4", r"peft\.rnak: unknown setting"),
-    ("data.val_fraction=1.5", r"data\.val_fraction"),
-    ("data.classes=[3, 3]", r"data\.classes: .*distinct"),
-    ("train.device=tpu", r"train\.device"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("peft.rank=-1", r"peft\.rank: .*greater than 0.*-1"),
+        ("peft.method=prefix", r"peft\.method: .*'lora', 'norm' or 'hybrid'.*prefix"),
+        ("train.prior_precision=0", r"train\.prior_precision: .*greater than 0"),
+        ("peft.rnak=4", r"peft\.rnak: unknown setting"),
+        ("data.val_fraction=1.5", r"data\.val_fraction"),
+        ("data.classes=[3, 3]", r"data\.classes: .*distinct"),
+        ("train.device=tpu", r"train\.device"),
+    ],
+)
 def test_bad_values_name_field_and_value(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(overrides=[override])

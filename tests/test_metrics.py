@@ -42,8 +42,17 @@ def _random_probs(n: int, c: int, seed: int, scale: float = 3.0) -> tuple[torch.
 # MCE  = max(.4, .05, .7/3) = 0.4;  accuracy = 3/6
 # NLL  = -(ln .9 + ln .1 + ln .5 + ln .25 + ln 1 + ln .4) / 6
 # Brier: .015 + 1.46 + .375 + .845 + 0 + .72 = 3.415, / 6
-HAND_PROBS = torch.tensor([[.9, .05, .05], [.8, .1, .1], [.5, .25, .25],
-                           [.4, .35, .25], [1., 0., 0.], [.6, .4, 0.]], dtype=torch.float64)
+HAND_PROBS = torch.tensor(
+    [
+        [0.9, 0.05, 0.05],
+        [0.8, 0.1, 0.1],
+        [0.5, 0.25, 0.25],
+        [0.4, 0.35, 0.25],
+        [1.0, 0.0, 0.0],
+        [0.6, 0.4, 0.0],
+    ],
+    dtype=torch.float64,
+)
 HAND_LABELS = torch.tensor([0, 1, 0, 2, 0, 1])
 
 
@@ -51,7 +60,7 @@ def test_hand_computed_values():
     assert M.accuracy(HAND_PROBS, HAND_LABELS) == pytest.approx(0.5)
     assert M.expected_calibration_error(HAND_PROBS, HAND_LABELS, n_bins=4) == pytest.approx(0.2)
     assert M.maximum_calibration_error(HAND_PROBS, HAND_LABELS, n_bins=4) == pytest.approx(0.4)
-    nll = -sum(math.log(p) for p in (.9, .1, .5, .25, 1., .4)) / 6
+    nll = -sum(math.log(p) for p in (0.9, 0.1, 0.5, 0.25, 1.0, 0.4)) / 6
     assert M.negative_log_likelihood(HAND_PROBS, HAND_LABELS) == pytest.approx(nll)
     assert M.brier_score(HAND_PROBS, HAND_LABELS) == pytest.approx(3.415 / 6)
 
@@ -62,14 +71,14 @@ def test_hand_computed_reliability_bins():
     assert bins.edges == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert bins.count == [0, 1, 2, 3]
     assert math.isnan(bins.confidence[0]) and math.isnan(bins.accuracy[0])
-    assert bins.confidence[1:] == pytest.approx([.4, .55, .9])
-    assert bins.accuracy[1:] == pytest.approx([0., .5, 2 / 3])
+    assert bins.confidence[1:] == pytest.approx([0.4, 0.55, 0.9])
+    assert bins.accuracy[1:] == pytest.approx([0.0, 0.5, 2 / 3])
 
 
 def test_confidence_one_is_in_the_last_bin_unlike_torchmetrics():
     # Ours (Guo: last bin closed): |.5 - .975| = .475. torchmetrics 1.9 gives 1.0 a bin of its own:
     # 1/2 |1 - .95| + 1/2 |0 - 1| = .525. The one documented difference from the peer.
-    probs, labels = torch.tensor([[.95, .05], [1., 0.]]), torch.tensor([0, 1])
+    probs, labels = torch.tensor([[0.95, 0.05], [1.0, 0.0]]), torch.tensor([0, 1])
     assert M.expected_calibration_error(probs, labels) == pytest.approx(0.475)
     assert multiclass_calibration_error(probs, labels, 2, n_bins=15).item() == pytest.approx(0.525)
 
@@ -82,6 +91,7 @@ def test_summarize_keys_and_values():
 
 
 # ------------------------------------------------------------------------------------------- parity
+
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("c", [2, 10, 100])
@@ -127,12 +137,14 @@ def test_bin_edges_parity_with_torchmetrics(n_bins, dtype):
 
 def test_brier_matches_naive_double_loop():
     probs, labels = _random_probs(200, 7, seed=3)
-    naive = sum(sum((p - (c == y)) ** 2 for c, p in enumerate(row))
-                for row, y in zip(probs.tolist(), labels.tolist())) / len(labels)
+    naive = sum(
+        sum((p - (c == y)) ** 2 for c, p in enumerate(row)) for row, y in zip(probs.tolist(), labels.tolist())
+    ) / len(labels)
     assert M.brier_score(probs, labels) == pytest.approx(naive, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------- reliability bins
+
 
 @pytest.mark.parametrize("n_bins", [1, 10, 15])
 def test_reliability_bins_reproduce_ece(n_bins):
@@ -159,9 +171,14 @@ def test_reliability_bins_count_confidence_one():
 
 # ----------------------------------------------------------------------------------------- bootstrap
 
-BUILTINS = [M.accuracy, M.expected_calibration_error, M.maximum_calibration_error,
-            M.negative_log_likelihood, M.brier_score,
-            functools.partial(M.expected_calibration_error, n_bins=7)]
+BUILTINS = [
+    M.accuracy,
+    M.expected_calibration_error,
+    M.maximum_calibration_error,
+    M.negative_log_likelihood,
+    M.brier_score,
+    functools.partial(M.expected_calibration_error, n_bins=7),
+]
 
 
 @pytest.mark.parametrize("metric", BUILTINS)
@@ -176,9 +193,9 @@ def test_bootstrap_fast_path_equals_generic_loop(metric):
 
 
 def test_resample_indices_are_seeded():
-    draw = lambda seed: M._resample_indices(50, 20, torch.Generator().manual_seed(seed))  # noqa: E731
+    draw = lambda seed: M._resample_indices(50, 20, torch.Generator().manual_seed(seed))
     idx = draw(0)
-    assert idx.shape == (20, 50) and idx.dtype == torch.int64 and 0 <= idx.min() and idx.max() < 50
+    assert idx.shape == (20, 50) and idx.dtype == torch.int64 and idx.min() >= 0 and idx.max() < 50
     assert torch.equal(idx, draw(0)) and not torch.equal(idx, draw(1))
 
 
@@ -215,15 +232,19 @@ def test_bootstrap_is_reproducible_and_seed_dependent():
 
 # ---------------------------------------------------------------------------------------- validation
 
-@pytest.mark.parametrize("probs, labels, match", [
-    (torch.full((4,), 0.5), torch.zeros(4, dtype=torch.long), "2-D"),
-    (torch.full((4, 2), 0.5), torch.zeros(3, dtype=torch.long), r"shape \(N,\)"),
-    (torch.empty(0, 3), torch.empty(0, dtype=torch.long), "empty"),
-    (torch.full((4, 2), 0.5), torch.tensor([0, 1, 2, 0]), r"labels must lie in \[0, 1\]"),
-    (torch.full((4, 2), 0.5), torch.tensor([0, -1, 1, 0]), "labels must lie"),
-    (torch.full((4, 2), 0.5), torch.zeros(4), "integer"),
-    (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), "probabilities"),
-])
+
+@pytest.mark.parametrize(
+    "probs, labels, match",
+    [
+        (torch.full((4,), 0.5), torch.zeros(4, dtype=torch.long), "2-D"),
+        (torch.full((4, 2), 0.5), torch.zeros(3, dtype=torch.long), r"shape \(N,\)"),
+        (torch.empty(0, 3), torch.empty(0, dtype=torch.long), "empty"),
+        (torch.full((4, 2), 0.5), torch.tensor([0, 1, 2, 0]), r"labels must lie in \[0, 1\]"),
+        (torch.full((4, 2), 0.5), torch.tensor([0, -1, 1, 0]), "labels must lie"),
+        (torch.full((4, 2), 0.5), torch.zeros(4), "integer"),
+        (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), "probabilities"),
+    ],
+)
 def test_invalid_inputs_raise(probs, labels, match):
     for metric in (M.accuracy, M.expected_calibration_error, M.summarize, M.reliability_bins):
         with pytest.raises(ValueError, match=match):

@@ -1,0 +1,99 @@
+"""One predictive -> its row of results: scores on validation and test, Δ over the MAP, reliability bins.
+
+For a layer subset S: accuracy, ECE, MCE, NLL, Brier on validation and test (keys ``subset/val/ece``, ...;
+:mod:`distlap.names`), the improvement over the MAP on test for every score (``subset/test/delta_nll``,
+...), Δ_ECE(S) = ECE_MAP − ECE_S with its paired bootstrap interval (positive = the Bayesian predictive is
+better calibrated) and the test reliability bins. The MAP's row has the same scores under ``map/...``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from distlap import metrics, names
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """MAP probabilities the subsets are compared with (same examples, same order)."""
+
+    val_probs: torch.Tensor  # (N_val, C)
+    test_probs: torch.Tensor  # (N_test, C)
+    val_labels: torch.Tensor  # (N_val,)
+    test_labels: torch.Tensor  # (N_test,)
+
+
+def split_scores(
+    predictive: str, split: str, probs: torch.Tensor, labels: torch.Tensor, n_bins: int
+) -> dict[str, float]:
+    """{``<predictive>/<split>/<score>``: value} for every score of :data:`distlap.names.SCORES`."""
+    keys = names.scores(predictive, split)
+    return {keys[k]: v for k, v in metrics.summarize(probs, labels, n_bins).items()}
+
+
+def _reliability(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> dict:
+    return dataclasses.asdict(metrics.reliability_bins(probs, labels, n_bins))
+
+
+def subset_row(
+    blocks: Sequence[int],
+    val_probs: torch.Tensor,
+    test_probs: torch.Tensor,
+    ref: Reference,
+    *,
+    n_bins: int,
+    n_bootstrap: int,
+    seed: int,
+) -> dict:
+    """The row of one subset in ``layer_wise_results.json`` (see the README)."""
+    ci = metrics.delta_ece_ci(
+        ref.test_probs, test_probs, ref.test_labels, n_bins=n_bins, n_resamples=n_bootstrap, seed=seed
+    )
+    low, high = names.interval(names.delta("subset", "test", "ece"))
+    scores = {
+        **split_scores("subset", "val", val_probs, ref.val_labels, n_bins),
+        **split_scores("subset", "test", test_probs, ref.test_labels, n_bins),
+    }
+    return {
+        "blocks": list(blocks),
+        "metrics": {**scores, **deltas(scores, ref, n_bins), low: ci.low, high: ci.high},
+        "reliability": _reliability(test_probs, ref.test_labels, n_bins),
+    }
+
+
+def deltas(scores: dict[str, float], ref: Reference, n_bins: int) -> dict[str, float]:
+    """``subset/test/delta_<score>``: the subset's improvement over the MAP on test, for every score."""
+    map_scores = split_scores("map", "test", ref.test_probs, ref.test_labels, n_bins)
+    return {
+        names.delta("subset", "test", s): names.improvement(
+            s, scores[names.score("subset", "test", s)], map_scores[names.score("map", "test", s)]
+        )
+        for s in names.SCORES
+    }
+
+
+def map_row(ref: Reference, n_bins: int) -> dict:
+    """The MAP's row: ``map/{val,test}/<score>`` and the test reliability bins."""
+    return {
+        "metrics": {
+            **split_scores("map", "val", ref.val_probs, ref.val_labels, n_bins),
+            **split_scores("map", "test", ref.test_probs, ref.test_labels, n_bins),
+        },
+        "reliability": _reliability(ref.test_probs, ref.test_labels, n_bins),
+    }
+
+
+def row_line(name: str, row: dict) -> str:
+    """One log line of a subset's row."""
+    m = row["metrics"]
+    delta = names.delta("subset", "test", "ece")
+    low, high = names.interval(delta)
+    seconds = m.get(names.SUBSET_TIME)
+    return (
+        f"{name:>9}: test ECE {m[names.score('subset', 'test', 'ece')]:.4f}, delta_ece {m[delta]:+.4f} "
+        f"[{m[low]:+.4f}, {m[high]:+.4f}], NLL {m[names.score('subset', 'test', 'nll')]:.4f}"
+        + (f" ({seconds:.1f}s)" if seconds is not None else "")
+    )

@@ -1,0 +1,90 @@
+"""The command line of the sweep scripts (``sweeps/layerwise.py``, ``sweeps/peft_methods.py``).
+
+``main(kind, configs, report, argv)`` parses ``[--config X.yaml] [key=value ...] [--output DIR] [--address A]
+[--resume] [--smoke-test]``, runs the sweep and writes its report. Exit codes: 0 done (failed trials
+are recorded, not fatal), 1 every trial failed, 2 bad input or unreachable cluster, 130 interrupted
+(continue with --resume --output DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from distlap.config import ConfigError
+from distlap.names import CONFIG_FILE, STATUS
+from distlap.sweep.driver import SweepError, load_saved, run_sweep
+from distlap.sweep.settings import SweepConfig, load_sweep_config, resolve
+
+
+def main(
+    kind: str,
+    configs: tuple[Path, Path],
+    report: Callable[[Path], object],
+    argv: list[str] | None = None,
+    description: str = "",
+) -> int:
+    """``configs``: the script's embedded default and its smoke-test config; ``report(output_dir)``
+    writes the sweep's report when it ends."""
+    parser = _parser(kind, *configs, description)
+    args = parser.parse_args(argv)
+    if args.smoke_test and args.config:
+        parser.error("--smoke-test is a config of its own; drop --config")
+    if args.resume and (args.config or args.smoke_test or args.overrides or not args.output):
+        parser.error(
+            "--resume takes --output DIR (and optionally --address) only: the sweep's own "
+            f"DIR/{CONFIG_FILE} is what continues"
+        )
+    try:
+        cfg = _config(kind, args, *configs)
+        summary = run_sweep(cfg, resume=args.resume)
+    except (ConfigError, SweepError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if len(summary) < cfg.search.num_samples or (summary[STATUS] == "unfinished").any():
+        return 130  # interrupted: --resume continues it
+    if not (summary[STATUS] == "ok").any():
+        return 1
+    _report(report, cfg.out)
+    return 0
+
+
+def _parser(kind: str, default: Path, smoke: Path, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python sweeps/{kind}.py", description=description)
+    parser.add_argument("--config", type=Path, help=f"sweep YAML (default: {default.name} beside the script)")
+    parser.add_argument("--output", type=Path, help="output folder (default: runs/<name>-<timestamp>)")
+    parser.add_argument("--address", help="Ray cluster: ray://HOST:10001 or auto (default: a local Ray)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --output")
+    parser.add_argument("--smoke-test", action="store_true", help=f"run {smoke.name} (~1-2 min)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="e.g. search.num_samples=8 trial.train.epochs=1 resources.cpus_per_trial=2",
+    )
+    return parser
+
+
+def _config(kind: str, args: argparse.Namespace, default: Path, smoke: Path) -> SweepConfig:
+    """The sweep to run: the saved one (--resume), or the file (or default) with the overrides."""
+    extra = [f"address={args.address}"] if args.address else []
+    if args.resume:
+        cfg = load_saved(args.output, extra)
+    else:
+        path = args.config or (smoke if args.smoke_test else default)
+        output = [f"output_dir={args.output.resolve()}"] if args.output else []
+        cfg = resolve(load_sweep_config(path, [*args.overrides, *output, *extra]))
+    if cfg.kind != kind:
+        raise ConfigError(f"kind={cfg.kind}: this config is for sweeps/{cfg.kind}.py, not sweeps/{kind}.py")
+    return cfg
+
+
+def _report(report: Callable[[Path], object], out: Path) -> None:
+    """The sweep's report. A report that cannot be made fails no sweep: its results are saved and the
+    message says why."""
+    try:
+        report(out)
+    except Exception as err:  # noqa: BLE001 - whatever broke the report, the sweep's results stand
+        print(f"[sweep] no report: {type(err).__name__}: {err}", file=sys.stderr)

@@ -1,0 +1,125 @@
+"""One Ray Tune trial of a sweep, run inside a Ray worker.
+
+fine-tune (or restore the post-fine-tuning checkpoint of an earlier attempt) -> checkpoint ->
+``kind=layerwise``: fit Laplace once and evaluate every layer subset (in-process, or as Ray tasks in
+the trial's child bundles); ``kind=peft_methods``: the MAP metrics (and with ``laplace``, the
+Laplace predictive of all tuned block parameters) -> log to MLflow -> ``tune.report`` the metrics.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from ray import tune
+
+from distlap import names
+from distlap.bayes.layerwise import Scoring, write_results
+from distlap.config import TrialConfig
+from distlap.finetune.run import FineTuned, fine_tune, restore_fine_tuned, save_fine_tuned
+from distlap.provenance import provenance
+from distlap.sweep.settings import SweepConfig, trial_config
+from distlap.sweep.subset_tasks import ray_nn_evaluator
+from distlap.sweep.tracking import TrialRun, flatten, provenance_tags
+from distlap.trial import costs, laplace_metrics, layerwise, map_metrics, record, write_trial
+
+
+class TrialFailed(RuntimeError):
+    """Fine-tuning ended with ``status="failed"`` (e.g. a non-finite loss); the message says why."""
+
+
+def layerwise_trial(config: dict, sweep: SweepConfig) -> None:
+    """Ray Tune function trainable of ``kind=layerwise``; ``config`` = searched settings + MLflow run id."""
+    _run(config, sweep, layer_subsets=None)
+
+
+def peft_methods_trial(config: dict, sweep: SweepConfig) -> None:
+    """Ray Tune function trainable of ``kind=peft_methods``: the MAP metrics of the trial's PEFT method,
+    and with ``sweep.laplace`` the Laplace predictive over all its tuned block parameters."""
+    _run(config, sweep, layer_subsets=("all",) if sweep.laplace else ())
+
+
+TRAINABLES = {"layerwise": layerwise_trial, "peft_methods": peft_methods_trial}
+
+
+def _run(config: dict, sweep: SweepConfig, layer_subsets: tuple[str, ...] | None) -> None:
+    """Fine-tune (or restore), then Laplace over ``layer_subsets`` (None = all of them, () = no
+    Laplace), log to MLflow, write ``trial_result.json`` and report the metrics to Tune."""
+    start = time.perf_counter()
+    _quiet_worker()
+    trial_id = tune.get_context().get_trial_id()
+    params = {k: v for k, v in config.items() if k != names.RUN_ID}
+    out = sweep.out / names.TRIALS_DIR / trial_id
+    threads = sweep.trial.train.num_threads or max(1, int(sweep.resources.cpus_per_trial))
+    cfg = trial_config(sweep, {**params, "train.num_threads": threads}, output_dir=str(out))
+
+    def log(msg: str) -> None:
+        print(f"[{trial_id}] {msg}", flush=True)
+
+    with TrialRun(sweep.tracking.uri, config[names.RUN_ID]) as run:
+        run.log(
+            params={k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if k not in params},
+            tags=provenance_tags(provenance()),
+        )
+        ft = _fine_tuned(cfg, run, log)
+        log(
+            "stage: MAP evaluation"
+            if layer_subsets == ()
+            else "stage: Laplace fit and layer-subset evaluation"
+        )
+        metrics = (
+            map_metrics(ft) if layer_subsets == () else _laplace_stage(ft, sweep, layer_subsets, run, log)
+        )
+        metrics.update(costs(ft, wall_time_s=time.perf_counter() - start))
+        run.log(metrics=metrics)
+        write_trial(ft, record(ft, metrics, status="ok", message=""), out)
+        log(f"stage: done, {sweep.search.metric} = {metrics[sweep.search.metric]:.4f}")
+    tune.report(metrics)
+
+
+def _laplace_stage(ft: FineTuned, sweep: SweepConfig, only, run: TrialRun, log) -> dict:
+    """The layer-wise study (nn subsets as Ray tasks when the trial has child bundles); results logged."""
+    cfg = ft.cfg
+    scoring = Scoring(n_bins=cfg.n_bins, n_bootstrap=cfg.laplace.n_bootstrap, seed=cfg.seed)
+    tasks = sweep.resources.eval_tasks
+    evaluator = ray_nn_evaluator(ft, scoring, sweep.resources.task_resources(), log) if tasks else None
+    result = layerwise(ft, only=only, evaluate_nn=evaluator, log=log)
+    out = Path(cfg.output_dir)
+    write_results(result, out)
+    run.log_subsets(result, out / "plots")
+    run.log_artifact(out / names.LAYERWISE_FILE)
+    return laplace_metrics(result)
+
+
+def _quiet_worker() -> None:
+    """Keep the driver's terminal readable: no download bars, no library deprecation notices."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _fine_tuned(cfg: TrialConfig, run: TrialRun, log) -> FineTuned:
+    """Fine-tune and checkpoint; a restarted trial (retry or resumed sweep) restores instead."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as path:
+            ft = restore_fine_tuned(cfg, Path(path), log=log)
+        log("stage: restored the fine-tuned adapter from the trial checkpoint (no retraining)")
+        return ft
+    log("stage: fine-tuning")
+    ft = fine_tune(cfg, log=log)
+    if ft.train.status != "ok":
+        write_trial(ft, record(ft, {}), Path(cfg.output_dir))
+        raise TrialFailed(ft.train.message)
+    run.log_history(ft.train.history)
+    with tempfile.TemporaryDirectory() as path:
+        save_fine_tuned(ft, Path(path))
+        # Tune persists the checkpoint to the sweep's storage before report returns.
+        tune.report(
+            {"stage": "fine-tuned", names.TIME_PER_EPOCH: ft.train.time_per_epoch_s},
+            checkpoint=tune.Checkpoint.from_directory(path),
+        )
+    return ft

@@ -1,0 +1,171 @@
+"""cluster.yaml and the cluster sweep config, validated offline the way `ray up` validates them.
+
+`ray up` runs ``prepare_config`` (merge with the provider's defaults) and ``validate_config`` (Ray's
+``ray-schema.json`` plus its own checks) before it contacts the cloud; this does the same, and checks
+what the schema leaves open: provider keys against the schema's documented ones, each AWS node_config
+against botocore's own EC2 RunInstances model (Ray passes it to ``create_instances``), and the promises
+cluster.yaml makes in its comments (only SSH open, pinned image, the sweep config fits the node types).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from distlap.sweep.settings import load_sweep_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "cluster.yaml"
+LOCAL_CLUSTER = ROOT / "tests" / "cluster" / "local_cluster.yaml"
+CONFIGS = ROOT / "sweeps" / "configs"
+SCHEMA = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+
+
+def _load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def ray_up_validate(config: dict) -> dict:
+    """What `ray up` checks before it starts any node; raises on a bad config."""
+    config = copy.deepcopy(config)
+    schema = json.loads(SCHEMA.read_text())
+    unknown = set(config.get("provider", {})) - set(schema["properties"]["provider"]["properties"])
+    if unknown:  # the schema lets provider keys through; a misspelt one would silently do nothing
+        raise ValueError(f"provider: unknown keys {sorted(unknown)}")
+    prepared = prepare_config(config)
+    validate_config(prepared)
+    if prepared["provider"]["type"] == "aws":
+        _validate_ec2_node_configs(prepared)
+    return prepared
+
+
+def _validate_ec2_node_configs(config: dict) -> None:
+    import botocore.session
+    from botocore.validate import validate_parameters
+
+    run_instances = botocore.session.get_session().get_service_model("ec2").operation_model("RunInstances")
+    for name, node_type in config["available_node_types"].items():
+        try:
+            validate_parameters(
+                {**node_type["node_config"], "MinCount": 1, "MaxCount": 1}, run_instances.input_shape
+            )
+        except Exception as err:  # noqa: BLE001 - botocore raises several validation types
+            raise ValueError(f"available_node_types.{name}.node_config: {err}") from None
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict:
+    return _load(CLUSTER)
+
+
+def test_cluster_yaml_passes_rays_own_validation(cluster):
+    prepared = ray_up_validate(cluster)
+    assert prepared["head_node_type"] == "head"
+    workers = {k: v for k, v in prepared["available_node_types"].items() if k != "head"}
+    assert workers and all(v["resources"].get("GPU", 0) >= 1 for v in workers.values())
+    assert {v["resources"]["GPU"] for v in workers.values()} == {1, 4}  # 1-GPU and 4-GPU instances
+    assert all(0 <= v["min_workers"] <= v["max_workers"] for v in workers.values())
+    assert sum(v["max_workers"] for v in workers.values()) >= prepared["max_workers"]
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (("setup_comands",), ["true"], "setup_comands"),  # top-level key
+        (("available_node_types", "gpu1", "min_worker"), 1, "min_worker"),  # node-type key
+        (("available_node_types", "gpu1", "resources", "GPU"), 0.5, "0.5"),  # wrong type
+        (("available_node_types", "gpu4", "node_config", "InstanceTyp"), "g5.12xlarge", "InstanceTyp"),
+        (
+            ("available_node_types", "gpu1", "node_config", "InstanceMarketOptions", "MarketTyp"),
+            "spot",
+            "MarketTyp",
+        ),
+        (("provider", "regoin"), "us-east-1", "regoin"),
+        (("docker", "imgae"), "rayproject/ray:2.60.0-py311-gpu", "imgae"),
+        (("auth", "ssh_usr"), "ubuntu", "ssh_usr"),
+        (("head_node_type",), "haed", "head_node_type"),
+    ],
+)
+def test_a_typo_fails_validation(cluster, path, value, message):
+    bad = copy.deepcopy(cluster)
+    node = bad
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(Exception, match=re.escape(message)):
+        ray_up_validate(bad)
+
+
+def test_only_ssh_is_open_to_the_world(cluster):
+    """Ray's security group admits SSH from anywhere and all intra-cluster traffic; extra rules
+    (provider.security_group.IpPermissions) must not open anything else to the world."""
+    for rule in cluster["provider"].get("security_group", {}).get("IpPermissions", []):
+        world = [
+            r
+            for r in rule.get("IpRanges", []) + rule.get("Ipv6Ranges", [])
+            if r.get("CidrIp") == "0.0.0.0/0" or r.get("CidrIpv6") == "::/0"
+        ]
+        assert not world or (rule["FromPort"], rule["ToPort"]) == (22, 22), rule
+    head_start = " ".join(cluster["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert re.search(r"optuna-dashboard .*--host 127\.0\.0\.1", head_start)
+    assert re.search(r"mlflow server .*--allowed-hosts", head_start)  # no foreign Host headers
+
+
+def test_image_and_installs_are_pinned(cluster):
+    image = cluster["docker"]["image"]
+    assert image == f"rayproject/ray:{ray.__version__}-py311-gpu"  # Ray and Python as pyproject pins them
+    setup = " ".join(cluster["setup_commands"])
+    assert "pip install -q -e /home/ray/distlap" in setup  # pyproject.toml's pins, nothing else
+    assert cluster["file_mounts"] == {"/home/ray/distlap": "."}
+    assert all(
+        re.search(r"pip install .*==", c) for c in cluster["head_setup_commands"] if "pip install" in c
+    )
+
+
+@pytest.mark.parametrize("config", ["vit_b16_cifar100_cluster.yaml", "peft_methods_cluster.yaml"])
+def test_cluster_sweep_config_fits_the_cluster(cluster, config):
+    cfg = load_sweep_config(CONFIGS / config)
+    per_trial = cfg.resources.per_trial()
+    node_types = cluster["available_node_types"]
+    for name in ("gpu1", "gpu4"):
+        capacity = node_types[name]["resources"]
+        # Whole trials per node, no GPU left over: a trial's bundles fit one node (PACK) exactly.
+        trials = capacity["GPU"] / per_trial["GPU"]
+        assert trials == int(trials) >= 1 and per_trial["CPU"] * trials <= capacity["CPU"], name
+    assert node_types["head"]["resources"] == {"CPU": 0}
+    if cfg.kind == "layerwise":  # the subset tasks share the trial's GPU
+        assert cfg.resources.eval_tasks > 0 and 0 < cfg.resources.gpus_per_eval_task < 1
+    # Shared storage, the head's MLflow server, one Optuna file that the head's dashboard shows.
+    shared = "/mnt/efs"
+    assert f"--volume={shared}:{shared}" in cluster["docker"]["run_options"]
+    assert cfg.output_dir.startswith(shared + "/") and cfg.search.storage.startswith(f"sqlite:///{shared}/")
+    head_start = " ".join(cluster["head_start_ray_commands"])
+    assert cfg.search.storage in head_start  # optuna-dashboard reads the sweep's study storage
+    assert cfg.tracking.uri == "http://distlap-head:5000" and "--port 5000" in head_start
+    assert "distlap-head" in " ".join(cluster["head_setup_commands"] + cluster["worker_setup_commands"])
+    assert cfg.max_failures >= 1  # spot workers
+
+
+def test_cluster_sweep_is_the_seed_experiment():
+    """The cluster config changes where and how the sweep runs, never what it computes."""
+    local = load_sweep_config(CONFIGS / "vit_b16_cifar100.yaml")
+    on_cluster = load_sweep_config(CONFIGS / "vit_b16_cifar100_cluster.yaml")
+    assert on_cluster.trial == local.trial
+    keep = {"space", "metric", "mode", "num_samples", "seed", "points_to_evaluate"}
+    assert on_cluster.search.model_dump(include=keep) == local.search.model_dump(include=keep)
+    assert on_cluster.name == local.name
+
+
+def test_local_provider_config_passes_validation():
+    prepared = ray_up_validate(_load(LOCAL_CLUSTER))
+    assert prepared["provider"]["head_ip"] == "127.0.0.1"
+    assert all(ip.startswith("127.") for ip in prepared["provider"]["worker_ips"])  # loopback only
+    assert not any(c.strip().startswith("ray stop") for c in prepared["worker_start_ray_commands"])

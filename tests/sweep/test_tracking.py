@@ -1,0 +1,151 @@
+import multiprocessing as mp
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from distlap import names
+from distlap.names import ERROR as ERROR_TAG
+from distlap.names import KIND_TAG, SUBSET_TAG, TRIAL_TAG
+from distlap.sweep.tracking import SweepTracker, TrialRun, flatten, provenance_tags, retry_locked
+
+
+def _result(subsets=("layer_0", "all")) -> dict:
+    metrics = {key: 0.05 for split in ("val", "test") for key in names.scores("subset", split).values()}
+    delta = names.delta("subset", "test")
+    low, high = names.interval(delta)
+    metrics.update({delta: 0.01, low: -0.01, high: 0.03, names.SUBSET_TIME: 1.5})
+    return {"subsets": {name: {"blocks": [0], "metrics": metrics} for name in subsets}}
+
+
+@pytest.fixture
+def tracker(tmp_path) -> SweepTracker:
+    return SweepTracker.open(
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "exp",
+        "sweep-1",
+        run_name="sweep",
+        artifact_location=str(tmp_path / "art"),
+        params={"search.num_samples": 2},
+        tags={"git_commit": "abc"},
+    )
+
+
+def _runs(tracker: SweepTracker, kind: str):
+    client = MlflowClient(tracker.uri)
+    return client.search_runs([tracker.experiment_id], f"tags.`{KIND_TAG}` = '{kind}'", max_results=1000)
+
+
+def test_runs_are_found_again_not_duplicated(tracker):
+    again = SweepTracker.open(tracker.uri, "exp", "sweep-1", run_name="sweep")
+    assert again == tracker
+    run_id = tracker.trial_run("t_1", run_name="trial-000", params={"peft.rank": 4})
+    assert tracker.trial_run("t_1", run_name="trial-000", params={"peft.rank": 4}) == run_id
+    assert tracker.find_trial_run("t_1") == run_id and tracker.find_trial_run("t_2") is None
+    run = MlflowClient(tracker.uri).get_run(run_id)
+    assert run.info.status == "SCHEDULED"
+    assert run.data.tags[MLFLOW_PARENT_RUN_ID] == tracker.parent_run_id
+    assert run.data.params == {"peft.rank": "4"}
+    assert len(_runs(tracker, "sweep")) == 1 and len(_runs(tracker, "trial")) == 1
+
+
+def test_trial_run_status_and_error(tracker):
+    client = MlflowClient(tracker.uri)
+    run_id = tracker.trial_run("t_1", run_name="trial-000", params={})
+    with pytest.raises(RuntimeError), TrialRun(tracker.uri, run_id):
+        raise RuntimeError("non-finite training loss")
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert tracker.error_message(run_id) == "RuntimeError: non-finite training loss"
+    with TrialRun(tracker.uri, run_id) as run:  # a retry: RUNNING again, the old error cleared
+        assert client.get_run(run_id).info.status == "RUNNING"
+        run.log_history([{"epoch": 1, "train/loss": 1.0}, {"epoch": 2, "train/loss": 0.5}])
+        run.log(metrics={"bayes/val/nll": 0.4, "best_subset": "all"}, params={"trial.seed": 0})
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and ERROR_TAG not in run.data.tags
+    assert [m.value for m in client.get_metric_history(run_id, "train/loss")] == [1.0, 0.5]
+    assert run.data.metrics["bayes/val/nll"] == 0.4 and "best_subset" not in run.data.metrics
+    tracker.mark_failed(run_id, "worker died")  # the driver never overrides a run the trial ended
+    assert client.get_run(run_id).info.status == "FINISHED"
+    other = tracker.trial_run("t_2", run_name="trial-001", params={})
+    tracker.mark_failed(other, "worker died")
+    assert client.get_run(other).info.status == "FAILED" and tracker.error_message(other) == "worker died"
+
+
+def test_subset_runs_are_grandchildren_with_plots(tracker, tmp_path):
+    client = MlflowClient(tracker.uri)
+    run_id = tracker.trial_run("t_1", run_name="trial-000", params={})
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "reliability_all.png").write_bytes(b"\x89PNG")
+    with TrialRun(tracker.uri, run_id) as run:
+        ids = run.log_subsets(_result(), plots)
+        assert run.log_subsets(_result(), plots) == ids  # idempotent on a retry
+    assert len(_runs(tracker, "subset")) == 2
+    sub = client.get_run(ids["all"])
+    assert sub.data.tags[MLFLOW_PARENT_RUN_ID] == run_id and sub.data.tags[SUBSET_TAG] == "all"
+    assert sub.data.tags[TRIAL_TAG] == "t_1" and sub.info.status == "FINISHED"
+    assert sub.data.metrics["subset/test/delta_ece"] == 0.01 and sub.data.metrics["subset/test/ece"] == 0.05
+    assert [a.path for a in client.list_artifacts(ids["all"])] == ["reliability_all.png"]
+    assert client.list_artifacts(ids["layer_0"]) == []
+
+
+def test_helpers():
+    assert flatten({"peft": {"rank": 8, "target_modules": None}, "n": [1, 2]}) == {
+        "peft.rank": 8,
+        "peft.target_modules": None,
+        "n": [1, 2],
+    }
+    tags = provenance_tags(
+        {"git_commit": "abc", "git_dirty": True, "device": "cpu", "packages": {"torch": "2.14.1"}}
+    )
+    assert tags == {
+        "git_commit": "abc",
+        "git_dirty": "True",
+        "device": "cpu",
+        "version.torch": "2.14.1",
+        "mlflow.source.git.commit": "abc",
+    }
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return "ok"
+
+    assert retry_locked(flaky, first_wait_s=0.001)() == "ok" and len(calls) == 3
+    with pytest.raises(ValueError, match="other"):
+        retry_locked(lambda: (_ for _ in ()).throw(ValueError("other")))()
+
+
+def _trial_process(uri: str, run_id: str, n_subsets: int) -> None:
+    with TrialRun(uri, run_id) as run:
+        for epoch in range(1, 11):
+            run.log(metrics={"train/loss": 1.0 / epoch}, step=epoch)
+        run.log_subsets(_result([f"layer_{i}" for i in range(n_subsets)]))
+
+
+@pytest.mark.slow
+def test_concurrent_writers_lose_nothing(tracker):
+    """Four trial processes write one SQLite file at once (plus this driver): every write lands."""
+    n_trials, n_subsets = 4, 12
+    run_ids = [
+        tracker.trial_run(f"t_{i}", run_name=f"trial-{i:03d}", params={"i": i}) for i in range(n_trials)
+    ]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_trial_process, args=(tracker.uri, r, n_subsets)) for r in run_ids]
+    for p in procs:
+        p.start()
+    extra = [tracker.trial_run(f"u_{i}", run_name=f"late-{i}", params={}) for i in range(5)]
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * n_trials
+    client = MlflowClient(tracker.uri)
+    for run_id in run_ids:
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert len(client.get_metric_history(run_id, "train/loss")) == 10
+    subsets = _runs(tracker, "subset")
+    assert len(subsets) == n_trials * n_subsets
+    assert all(len(r.data.metrics) == 14 for r in subsets)
+    assert len(_runs(tracker, "trial")) == n_trials + len(extra)

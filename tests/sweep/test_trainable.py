@@ -1,0 +1,100 @@
+"""One Ray Tune trial of each kind, through Ray Tune itself (one trial, fixed settings, local Ray):
+what it reports, writes, checkpoints and logs to MLflow; a failing trial's record."""
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from distlap import names
+from distlap.sweep.settings import load_sweep_config, resolve
+from distlap.sweep.tracking import SweepTracker
+
+pytestmark = pytest.mark.slow
+
+
+def _run_one(kind, tmp_path, fake_fmnist_dir, tiny_vit_dir, *overrides):
+    import ray
+    from ray import tune
+
+    from distlap.sweep.trainable import TRAINABLES
+
+    metric = "bayes/val/nll" if kind == "layerwise" else "map/val/nll"
+    cfg = resolve(
+        load_sweep_config(
+            overrides=[
+                f"kind={kind}",
+                f"output_dir={tmp_path}",
+                f"search.metric={metric}",
+                "search.num_samples=1",
+                f"trial.data.path={fake_fmnist_dir}",
+                f"trial.backbone.name={tiny_vit_dir}",
+                "trial.data.classes=[5,6,7,8,9]",
+                "trial.train.epochs=1",
+                "trial.laplace.fit_examples=32",
+                "trial.laplace.n_samples=2",
+                "trial.laplace.n_bootstrap=20",
+                *overrides,
+            ]
+        )
+    )
+    tracker = SweepTracker.open(
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        "s",
+        run_name="s",
+        artifact_location=str(tmp_path / "mlartifacts"),
+    )
+    run_id = tracker.trial_run("t", run_name="trial-000", params={})
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        config = {"train.prior_precision": 10.0, "peft.rank": 2, names.RUN_ID: run_id}
+        tuner = tune.Tuner(
+            tune.with_parameters(TRAINABLES[kind], sweep=cfg),
+            param_space=config,
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name="one"),
+        )
+        result = tuner.fit()[0]
+    finally:
+        ray.shutdown()
+    return cfg, run_id, result
+
+
+def test_layerwise_trial_reports_writes_and_logs(tmp_path, fake_fmnist_dir, tiny_vit_dir):
+    cfg, run_id, result = _run_one("layerwise", tmp_path, fake_fmnist_dir, tiny_vit_dir)
+    assert result.error is None
+    trial_dir = next((tmp_path / names.TRIALS_DIR).iterdir())
+    record = json.loads((trial_dir / names.TRIAL_FILE).read_text())
+    assert record["status"] == "ok" and record["config"]["peft"]["rank"] == 2
+    assert result.metrics[cfg.search.metric] == record["metrics"][cfg.search.metric]
+    assert (trial_dir / names.LAYERWISE_FILE).is_file() and (trial_dir / "adapter").is_dir()
+    assert result.checkpoint is not None  # the fine-tuned adapter, for a retry or a resumed sweep
+    run = MlflowClient(cfg.tracking.uri).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics[names.score("bayes", "test", "ece")] == record["metrics"]["bayes/test/ece"]
+    assert run.data.params["train.lr"] == str(cfg.trial.train.lr)  # the non-searched settings too
+    assert names.TRAIN_LOSS in run.data.metrics  # the training curve
+
+
+def test_peft_trial_without_laplace_reports_the_map(tmp_path, fake_fmnist_dir, tiny_vit_dir):
+    cfg, _, result = _run_one("peft_methods", tmp_path, fake_fmnist_dir, tiny_vit_dir)
+    assert result.error is None
+    assert names.score("map", "test", "accuracy") in result.metrics
+    assert not any(k.startswith("bayes/") for k in result.metrics)
+    assert not list(tmp_path.glob(f"{names.TRIALS_DIR}/*/{names.LAYERWISE_FILE}"))
+
+
+def test_a_failing_trial_leaves_its_record(tmp_path, fake_fmnist_dir, tiny_vit_dir):
+    cfg, run_id, result = _run_one(
+        "layerwise",
+        tmp_path,
+        fake_fmnist_dir,
+        tiny_vit_dir,
+        "trial.train.lr=1e30",
+        "trial.train.max_grad_norm=null",
+    )
+    assert result.error is not None and "non-finite training loss" in str(result.error)
+    record = json.loads(next(tmp_path.glob(f"{names.TRIALS_DIR}/*/{names.TRIAL_FILE}")).read_text())
+    assert record["status"] == "failed" and "non-finite training loss" in record["message"]
+    run = MlflowClient(cfg.tracking.uri).get_run(run_id)
+    assert run.info.status == "FAILED" and "non-finite" in run.data.tags[names.ERROR]
