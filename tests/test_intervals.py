@@ -1,0 +1,291 @@
+"""distlap.intervals: the two-level bootstrap, seeds, and multiplicity, on toys where the truth is known."""
+
+import functools
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from distlap import intervals as I
+from distlap import metrics as M
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _probs(n, c, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(scale * torch.randn(n, c, generator=g), 1)
+
+
+def _sets(base_logits, k, noise, seed):
+    """K Monte-Carlo 'predictives': softmax of the logits plus set-specific noise, (K, N, C)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(base_logits[None] + noise * torch.randn(k, *base_logits.shape, generator=g), -1)
+
+
+def _calibrated_pair(n=4000, c=5, seed=0):
+    """p: labels drawn from it (calibrated). p2: p averaged within groups of (argmax, confidence decile),
+    a function of p only, so E[y | p2] = p2: a second, blunter calibrated predictor."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(2 * torch.randn(n, c, generator=g), 1)
+    y = torch.multinomial(p, 1, generator=g).squeeze(1)
+    conf, pred = p.max(1)
+    group = pred * 10 + (conf * 10).long().clamp(max=9)
+    p2 = torch.empty_like(p)
+    for gid in group.unique():
+        p2[group == gid] = p[group == gid].mean(0)
+    return p, p2, y
+
+
+ECE = M.expected_calibration_error
+METRICS = [ECE, M.negative_log_likelihood, M.brier_score, functools.partial(ECE, n_bins=7),
+           lambda p, y: M.accuracy(p, y)]  # the last one takes the generic (looped) path
+
+
+# --------------------------------------------------------------------------------- two-level bootstrap
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_identical_sample_sets_give_exactly_the_paired_bootstrap(metric):
+    """A posterior whose sample sets are identical has an MC term of exactly 0: the one-level interval."""
+    probs_map, labels = _probs(300, 6, 0), torch.randint(0, 6, (300,), generator=torch.Generator().manual_seed(1))
+    bayes = _probs(300, 6, 2, scale=1.0)
+    one = M.paired_bootstrap_ci(metric, probs_map, bayes, labels, n_resamples=200, seed=5)
+    for sets in (bayes, bayes.expand(4, -1, -1)):
+        two = I.two_level_bootstrap_ci(metric, probs_map, sets, labels, n_resamples=200, seed=5)
+        assert (two.estimate, two.low, two.high, two.level, two.n_resamples) == (
+            one.estimate, one.low, one.high, one.level, one.n_resamples)
+        assert two.mc_std == 0.0 and two.n_sets == (1 if sets.ndim == 2 else 4)
+
+
+def test_replicates_equal_a_naive_loop_over_drawn_examples_and_sets():
+    logits = torch.randn(80, 4, generator=torch.Generator().manual_seed(0))
+    probs_map, labels = torch.softmax(logits, 1), torch.arange(80) % 4
+    sets = _sets(logits, 3, 1.0, seed=1)
+    rep = I.delta_replicates(ECE, probs_map, {"s": sets}, labels, n_resamples=40, seed=9)
+    idx = M.bootstrap_indices(80, 40, 9)
+    draw = np.random.default_rng([9, I._SET_STREAM]).integers(0, 3, 40)  # the documented set stream
+    naive = [ECE(probs_map[i], labels[i]) - ECE(sets[k][i], labels[i]) for i, k in zip(idx, draw)]
+    assert rep.replicates[0].tolist() == pytest.approx(naive, abs=1e-12)
+    per_set = torch.tensor([ECE(probs_map, labels) - ECE(s, labels) for s in sets], dtype=torch.float64)
+    assert rep.estimate.item() == pytest.approx(per_set.mean().item(), abs=1e-15)
+    assert rep.mc_std.item() == pytest.approx(per_set.std().item(), abs=1e-15)
+
+
+def test_two_level_variance_adds_the_monte_carlo_term():
+    """Law of total variance: Var(two-level) ~ mean_k Var(one-level | set k) + Var_k(Delta_k)."""
+    logits = 2 * torch.randn(1000, 5, generator=torch.Generator().manual_seed(3))
+    probs_map = torch.softmax(logits, 1)
+    labels = torch.multinomial(probs_map, 1, generator=torch.Generator().manual_seed(4)).squeeze(1)
+    sets = _sets(logits, 8, 1.5, seed=5)
+    nll = M.negative_log_likelihood
+    two = I.delta_replicates(nll, probs_map, {"s": sets}, labels, n_resamples=2000, seed=0)
+    one = I.delta_replicates(nll, probs_map, {f"k{k}": s for k, s in enumerate(sets)}, labels,
+                             n_resamples=2000, seed=0)
+    within = one.replicates.var(1).mean()
+    between = one.estimate.var(correction=0)
+    assert between > within  # the toy's MC term is large, so the check has teeth
+    assert two.replicates.var() == pytest.approx((within + between).item(), rel=0.25)
+    assert two.mc_std.item() == pytest.approx(one.estimate.std().item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_calibrated_predictors_give_a_delta_ece_interval_around_zero(seed):
+    p, p2, y = _calibrated_pair(seed=seed)
+    against_itself = I.two_level_bootstrap_ci(ECE, p, p.clone().expand(3, -1, -1), y, n_resamples=300)
+    assert (against_itself.estimate, against_itself.low, against_itself.high) == (0.0, 0.0, 0.0)
+    ci = I.two_level_bootstrap_ci(ECE, p, p2, y, n_resamples=300, seed=seed)
+    assert ci.low <= 0 <= ci.high and abs(ci.estimate) < 0.01
+
+
+def test_subsets_share_rows_and_set_draws():
+    logits = torch.randn(200, 3, generator=torch.Generator().manual_seed(0))
+    probs_map, labels = torch.softmax(logits, 1), torch.arange(200) % 3
+    sets = _sets(logits, 4, 1.0, seed=1)
+    rep = I.delta_replicates(ECE, probs_map, {"a": sets, "b": sets.clone(), "c": _sets(logits, 4, 2.0, 2)},
+                             labels, n_resamples=100)
+    diffs = I.pairwise(rep)
+    assert diffs.names == ("a - b", "a - c", "b - c")
+    assert torch.equal(diffs.replicates[0], torch.zeros(100, dtype=torch.float64))
+    assert I.bootstrap_p_values(diffs.replicates)[0].item() == 1.0
+    torch.testing.assert_close(diffs.replicates[1], rep.replicates[0] - rep.replicates[2], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- seeds
+
+def test_seed_t_interval_hand_computed():
+    ci = I.seed_t_interval(torch.tensor([1.0, 2.0, 3.0]), level=0.95)
+    half = 4.302652729911275 / math.sqrt(3)  # t_{2, 0.975} * s / sqrt(n), s = 1
+    assert (ci.estimate.item(), ci.low.item(), ci.high.item()) == pytest.approx((2, 2 - half, 2 + half), abs=1e-9)
+    ref = stats.t.interval(0.9, 4, loc=np.mean([1, 4, 2, 8, 5]), scale=stats.sem([1, 4, 2, 8, 5]))
+    two_cols = I.seed_t_interval(torch.tensor([[1.0, 0], [4, 0], [2, 0], [8, 0], [5, 0]]), level=0.9)
+    assert (two_cols.low[0].item(), two_cols.high[0].item()) == pytest.approx(ref, abs=1e-12)
+    assert (two_cols.low[1].item(), two_cols.high[1].item(), two_cols.method) == (0.0, 0.0, "t")
+
+
+def _seed_reps(values, names=("x",)):
+    values = torch.as_tensor(values, dtype=torch.float64)[None]               # (1, R)
+    return I.Replicates(tuple(names), values.mean(1), values)
+
+
+def test_across_seeds_crossed_vs_nested_examples():
+    """No seed effect, every seed the same example replicates. Shared test set (crossed): all seeds move
+    with the same resample, so the width is one seed's width. Nested: n independent draws average out."""
+    base = torch.randn(4000, generator=torch.Generator().manual_seed(0))
+    per_seed = [_seed_reps(base) for _ in range(9)]
+    one = I.percentile_interval(base)
+    shared = I.across_seeds(per_seed, shared_examples=True, n_resamples=4000)
+    nested = I.across_seeds(per_seed, shared_examples=False, n_resamples=4000)
+    width = lambda rep: (lambda lo, hi: (hi - lo).item())(*I.percentile_interval(rep.replicates[0]))  # noqa: E731
+    assert width(shared) == pytest.approx((one[1] - one[0]).item(), rel=0.1)
+    assert width(nested) == pytest.approx((one[1] - one[0]).item() / 3, rel=0.15)  # sqrt(9) = 3
+    assert shared.seed_std.item() == pytest.approx(0.0, abs=1e-15) and shared.estimate.item() == pytest.approx(base.mean().item())
+
+
+def test_across_seeds_adds_the_seed_spread():
+    """Seed effects of sd 1, tiny example noise: the interval reflects the seeds, centred on their mean."""
+    g = torch.Generator().manual_seed(1)
+    effects = torch.randn(8, generator=g)
+    per_seed = [_seed_reps(e + 0.01 * torch.randn(500, generator=g)) for e in effects]
+    rep = I.across_seeds(per_seed, shared_examples=True, n_resamples=3000, seed=2)
+    low, high = I.percentile_interval(rep.replicates[0])
+    t = I.seed_t_interval(torch.stack([r.estimate[0] for r in per_seed]))
+    assert rep.estimate.item() == pytest.approx(t.estimate.item(), abs=1e-12)
+    assert low < rep.estimate.item() < high and (high - low) > 0.5 * (t.high - t.low).item()
+    assert rep.seed_std.item() == pytest.approx(effects.std().item(), abs=0.02)
+
+
+def test_across_seeds_refuses_mismatched_names():
+    with pytest.raises(ValueError, match="same names"):
+        I.across_seeds([_seed_reps([1.0, 2.0]), _seed_reps([1.0, 2.0], names=("y",))], shared_examples=True)
+
+
+# ------------------------------------------------------------------------------------ multiplicity
+
+def test_bootstrap_p_values_match_their_definition():
+    x = torch.randn(5, 199, generator=torch.Generator().manual_seed(0)) + torch.tensor([0, 0.5, 1, 5, -5])[:, None]
+    x[0] = 0.0
+    p = I.bootstrap_p_values(x)
+    for row, got in zip(x.tolist(), p.tolist()):
+        below, above = sum(v <= 0 for v in row), sum(v >= 0 for v in row)
+        assert got == pytest.approx(min(1.0, 2 * min(below + 1, above + 1) / 200), abs=1e-15)
+    assert p[0] == 1.0 and p[3] == p[4] == pytest.approx(2 / 200)
+
+
+def test_bootstrap_p_value_agrees_with_the_percentile_interval():
+    """p < alpha exactly when 0 is outside the (1 - alpha) percentile interval, up to one replicate."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 999, generator=g) + 3 * torch.rand(400, 1, generator=g)
+    p = I.bootstrap_p_values(x)
+    low, high = I.percentile_interval(x, 0.95)
+    agree = (p < 0.05) == ((low > 0) | (high < 0))
+    near = ((x <= 0).sum(1) - 0.025 * 1000).abs() <= 2
+    assert (agree | near).all() and near.sum() < 40
+
+
+def test_holm_hand_computed():
+    # sorted: .005 * 4 = .02; .01 * 3 = .03; .03 * 2 = .06; .04 * 1 = .04 -> max(.06, .04) = .06
+    adjusted = I.holm(torch.tensor([0.01, 0.04, 0.03, 0.005], dtype=torch.float64))
+    assert adjusted.tolist() == pytest.approx([0.03, 0.06, 0.06, 0.02], abs=1e-15)
+    assert I.holm(torch.tensor([0.9, 0.2], dtype=torch.float64)).tolist() == pytest.approx([0.9, 0.4])  # max(.4, .9)
+
+
+def _closed_bonferroni(p):
+    """Brute force: the closure of Bonferroni tests; H_i's adjusted p = max over I containing i of
+    min(1, |I| min_{j in I} p_j)."""
+    m = len(p)
+    return [max(min(1.0, len(s) * min(p[j] for j in s))
+                for r in range(1, m + 1) for s in itertools.combinations(range(m), r) if i in s) for i in range(m)]
+
+
+def _holm_rejects(p, alpha):
+    """Holm's step-down procedure itself: reject the sorted hypotheses while p_(j) <= alpha / (m - j + 1)."""
+    m, rejected = len(p), set()
+    for j, i in enumerate(sorted(range(m), key=lambda i: p[i])):
+        if p[i] > alpha / (m - j):
+            break
+        rejected.add(i)
+    return rejected
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_holm_equals_brute_force_definitions(seed):
+    rng = np.random.default_rng(seed)
+    m = int(rng.integers(1, 8))
+    p = (rng.uniform(0, 0.2, m) ** 2).tolist() if seed % 2 else rng.uniform(0, 1, m).round(2).tolist()  # ties too
+    adjusted = I.holm(torch.tensor(p, dtype=torch.float64)).tolist()
+    assert adjusted == pytest.approx(_closed_bonferroni(p), abs=1e-12)
+    for alpha in (0.001, 0.01, 0.05, 0.1, 0.3):
+        assert {i for i in range(m) if adjusted[i] <= alpha} == _holm_rejects(p, alpha)
+
+
+def test_simultaneous_intervals_cover_jointly():
+    """Ten independent means, truth 0: marginal 95% intervals all cover far less often than 95%
+    (~0.95^10 = 0.60); max-|t| and Bonferroni intervals cover all ten about 95% of the time."""
+    g = torch.Generator().manual_seed(0)
+    hits = {"marginal": 0, "max_t": 0, "bonferroni": 0}
+    sims, n, s, r = 150, 100, 10, 1000  # R large enough for the 1 - 0.05/20 Bonferroni tail
+    for _ in range(sims):
+        x = torch.randn(n, s, generator=g, dtype=torch.float64)
+        est = x.mean(0)
+        reps = x[torch.randint(0, n, (r, n), generator=g)].mean(1).T          # (S, R)
+        hits["marginal"] += bool(((lambda lo, hi: (lo <= 0) & (hi >= 0))(*I.percentile_interval(reps))).all())
+        for method in ("max_t", "bonferroni"):
+            low, high = I.simultaneous_intervals(est, reps, 0.95, method)
+            hits[method] += bool(((low <= 0) & (high >= 0)).all())
+    assert hits["marginal"] / sims < 0.8
+    assert hits["max_t"] / sims > 0.88 and hits["bonferroni"] / sims > 0.88
+
+
+def test_simultaneous_max_t_zero_spread_rows_and_bad_method():
+    reps = torch.stack([torch.zeros(50, dtype=torch.float64), torch.linspace(-1, 1, 50, dtype=torch.float64)])
+    low, high = I.simultaneous_intervals(torch.tensor([0.0, 0.0]), reps)
+    assert (low[0].item(), high[0].item()) == (0.0, 0.0) and low[1] < 0 < high[1]
+    with pytest.raises(ValueError, match="method"):
+        I.simultaneous_intervals(torch.zeros(2), reps, method="sidak")
+
+
+def test_ranking_table_orders_and_flags_distinguishable():
+    logits = 3 * torch.randn(1500, 5, generator=torch.Generator().manual_seed(0))
+    labels = torch.multinomial(torch.softmax(logits, 1), 1, generator=torch.Generator().manual_seed(1)).squeeze(1)
+    probs_map = torch.softmax(3 * logits, 1)  # overconfident
+    bayes = {"same": probs_map.clone(), "calibrated": torch.softmax(logits, 1), "half": torch.softmax(2 * logits, 1)}
+    rep = I.delta_replicates(ECE, probs_map, bayes, labels, n_resamples=300)
+    table = I.ranking_table(rep)
+    json.dumps(table)
+    assert [row["name"] for row in table] == ["calibrated", "half", "same"]
+    flags = {row["name"]: row["distinguishable"] for row in table}
+    assert flags == {"calibrated": True, "half": True, "same": False}
+    assert all(row["low"] <= row["estimate"] <= row["high"] and row["p"] <= row["p_holm"] for row in table)
+    pairs = {row["name"]: row for row in I.ranking_table(I.pairwise(rep))}
+    assert set(pairs) == {"same - calibrated", "same - half", "calibrated - half"}
+    assert pairs["same - calibrated"]["distinguishable"] and pairs["same - calibrated"]["estimate"] < 0
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+def test_invalid_arguments_are_named():
+    probs, labels = _probs(20, 3, 0), torch.arange(20) % 3
+    with pytest.raises(ValueError, match="probs_bayes\\['b'\\]"):
+        I.delta_replicates(ECE, probs, {"b": probs[:10]}, labels)
+    with pytest.raises(ValueError, match="same number K"):
+        I.delta_replicates(ECE, probs, {"a": probs.expand(2, -1, -1), "b": probs.expand(3, -1, -1)}, labels)
+    with pytest.raises(ValueError, match="level"):
+        I.two_level_bootstrap_ci(ECE, probs, probs, labels, level=1.0)
+    with pytest.raises(ValueError, match="n_resamples"):
+        I.two_level_bootstrap_ci(ECE, probs, probs, labels, n_resamples=0)
+    with pytest.raises(ValueError, match="p_values"):
+        I.holm(torch.tensor([0.5, 1.5]))
+    with pytest.raises(ValueError, match="n_seeds >= 2"):
+        I.seed_t_interval(torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="idx"):
+        M.replicate_values(ECE, probs, labels, torch.tensor([[0, 20]]))
