@@ -76,6 +76,29 @@ def _as_sets(name: str, probs: Tensor, n: int, c: int) -> Tensor:
     return probs
 
 
+def _check_sets(probs_map: Tensor, probs_bayes: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """probs_map (N, C) and every entry as (K, N, C) with one K for all."""
+    probs_map = torch.as_tensor(probs_map)
+    if probs_map.ndim != 2 or not probs_bayes:
+        raise ValueError(f"need probs_map (N, C) and at least one probs_bayes entry, got probs_map of "
+                         f"shape {tuple(probs_map.shape)} and {len(probs_bayes)} entries")
+    sets = {s: _as_sets(s, p, *probs_map.shape) for s, p in probs_bayes.items()}
+    if len({p.shape[0] for p in sets.values()}) != 1:
+        raise ValueError(f"every probs_bayes entry needs the same number K of sample sets, got "
+                         f"{ {s: p.shape[0] for s, p in sets.items()} }")
+    return probs_map, sets
+
+
+def _set_replicates(metric: Metric, sets: Tensor, labels: Tensor, idx: Tensor, draw: Tensor) -> Tensor:
+    """metric(B_{draw_r}[idx_r]) per replicate r: sets (K, N, C), idx (R, N), draw (R,) -> (R,)."""
+    out = torch.empty(idx.shape[0], dtype=torch.float64)
+    for k in range(sets.shape[0]):
+        rows = draw == k
+        if rows.any():  # one vectorised pass per sample set over the replicates that drew it
+            out[rows] = replicate_values(metric, sets[k], labels, idx[rows])
+    return out
+
+
 def delta_replicates(metric: Metric, probs_map: Tensor, probs_bayes: Mapping[str, Tensor], labels: Tensor, *,
                      n_resamples: int = 1000, seed: int = 0) -> Replicates:
     """Two-level bootstrap replicates of metric(MAP) - metric(B_s) for every predictive s (module doc).
@@ -84,37 +107,20 @@ def delta_replicates(metric: Metric, probs_map: Tensor, probs_bayes: Mapping[str
     Returns estimate (S,) = mean_k Delta_{s,k}, replicates (S, R), mc_std (S,) = std_k Delta_{s,k}.
     """
     labels = torch.as_tensor(labels)
-    probs_map = torch.as_tensor(probs_map)
-    if probs_map.ndim != 2 or not probs_bayes:
-        raise ValueError(f"need probs_map (N, C) and at least one probs_bayes entry, got probs_map of "
-                         f"shape {tuple(probs_map.shape)} and {len(probs_bayes)} entries")
-    n, c = probs_map.shape
-    sets = {s: _as_sets(s, p, n, c) for s, p in probs_bayes.items()}
-    ks = {p.shape[0] for p in sets.values()}
-    if len(ks) != 1:
-        raise ValueError(f"every probs_bayes entry needs the same number K of sample sets, got "
-                         f"{ {s: p.shape[0] for s, p in sets.items()} }")
-    k = ks.pop()
+    probs_map, sets = _check_sets(probs_map, probs_bayes)
+    n, k = probs_map.shape[0], next(iter(sets.values())).shape[0]
     idx = bootstrap_indices(n, n_resamples, seed)                                        # (R, N)
-    draw = np.random.default_rng([seed, _SET_STREAM]).integers(0, k, n_resamples)         # (R,)
-    draw = torch.from_numpy(draw) if k > 1 else torch.zeros(n_resamples, dtype=torch.long)
+    draw = torch.from_numpy(np.random.default_rng([seed, _SET_STREAM]).integers(0, k, n_resamples))  # (R,)
     whole = torch.arange(n)[None]                                                          # (1, N)
     map_reps = replicate_values(metric, probs_map, labels, idx)                            # (R,)
     map_full = replicate_values(metric, probs_map, labels, whole)                          # (1,)
-    reps, per_set = [], []
-    for p in sets.values():
-        bayes_reps = torch.empty(n_resamples, dtype=torch.float64)
-        for j in range(k):
-            rows = draw == j
-            if rows.any():
-                bayes_reps[rows] = replicate_values(metric, p[j], labels, idx[rows])
-        reps.append(map_reps - bayes_reps)
-        per_set.append(torch.cat([map_full - replicate_values(metric, p[j], labels, whole) for j in range(k)]))
-    per_set = torch.stack(per_set)                                                         # (S, K)
+    reps = torch.stack([map_reps - _set_replicates(metric, p, labels, idx, draw) for p in sets.values()])
+    per_set = torch.stack([torch.cat([map_full - replicate_values(metric, b, labels, whole) for b in p])
+                           for p in sets.values()])                                         # (S, K)
     # mean_k as first + mean of deviations from it: exactly the one-level estimate for identical sets
     estimate = per_set[:, 0] + (per_set - per_set[:, :1]).mean(1)
     mc_std = per_set.std(1) if k > 1 else torch.zeros(len(sets), dtype=torch.float64)
-    return Replicates(tuple(sets), estimate, torch.stack(reps), mc_std=mc_std)
+    return Replicates(tuple(sets), estimate, reps, mc_std=mc_std)
 
 
 def percentile_interval(replicates: Tensor, level: float = 0.95) -> tuple[Tensor, Tensor]:
@@ -133,7 +139,8 @@ def two_level_bootstrap_ci(metric: Metric, probs_map: Tensor, probs_bayes: Tenso
     With K identical sets (or probs_bayes (N, C)) the result equals ``paired_bootstrap_ci`` exactly.
     """
     _check_level(level)
-    rep = delta_replicates(metric, probs_map, {"bayes": probs_bayes}, labels, n_resamples=n_resamples, seed=seed)
+    rep = delta_replicates(metric, probs_map, {"bayes": probs_bayes}, labels,
+                           n_resamples=n_resamples, seed=seed)
     low, high = percentile_interval(rep.replicates[0], level)
     n_sets = 1 if torch.as_tensor(probs_bayes).ndim == 2 else len(probs_bayes)
     return DeltaCI(float(rep.estimate[0]), float(low), float(high), level, n_resamples, n_sets,
@@ -150,7 +157,7 @@ class SeedCI:
     high: Tensor      # (S,)
     level: float
     n_seeds: int
-    method: str       # "t" or "hierarchical-bootstrap"
+    method: str       # "t" (seed_t_interval) or "hierarchical-bootstrap" (across_seeds_ci)
 
 
 def seed_t_interval(estimates: Tensor, level: float = 0.95) -> SeedCI:
@@ -164,7 +171,8 @@ def seed_t_interval(estimates: Tensor, level: float = 0.95) -> SeedCI:
     x = torch.as_tensor(estimates, dtype=torch.float64)
     x = x[:, None] if x.ndim == 1 else x
     if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(f"estimates must be (n_seeds,) or (n_seeds, S) with n_seeds >= 2, got {tuple(x.shape)}")
+        raise ValueError(f"estimates must be (n_seeds,) or (n_seeds, S) with n_seeds >= 2, got "
+                         f"{tuple(x.shape)}")
     n = x.shape[0]
     half = float(stats.t.ppf((1 + level) / 2, n - 1)) * x.std(0) / n ** 0.5
     mean = x.mean(0)
@@ -185,9 +193,12 @@ def across_seeds(per_seed: Sequence[Replicates], *, shared_examples: bool, n_res
     within-seed noise is counted once more than needed (conservative); with fewer than ~5 seeds report
     :func:`seed_t_interval` beside it.
     """
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
+        raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
     shapes = [(rep.names, tuple(rep.replicates.shape)) for rep in per_seed]
     if len(per_seed) < 2 or len(set(shapes)) != 1:
-        raise ValueError(f"per_seed needs >= 2 Replicates with the same names and replicate shape, got {shapes}")
+        raise ValueError(f"per_seed needs >= 2 Replicates with the same names and replicate shape, "
+                         f"got {shapes}")
     x = torch.stack([rep.replicates for rep in per_seed])                     # (n, S, R)
     n, _, n_cols = x.shape
     g = torch.Generator().manual_seed(seed)
@@ -198,6 +209,14 @@ def across_seeds(per_seed: Sequence[Replicates], *, shared_examples: bool, n_res
     return Replicates(per_seed[0].names, est.mean(0), reps.contiguous(), seed_std=est.std(0))
 
 
+def across_seeds_ci(per_seed: Sequence[Replicates], *, shared_examples: bool, level: float = 0.95,
+                    n_resamples: int = 2000, seed: int = 0) -> SeedCI:
+    """The percentile interval of :func:`across_seeds` replicates, per name (marginal, not simultaneous)."""
+    rep = across_seeds(per_seed, shared_examples=shared_examples, n_resamples=n_resamples, seed=seed)
+    low, high = percentile_interval(rep.replicates, level)
+    return SeedCI(rep.estimate, low, high, level, len(per_seed), "hierarchical-bootstrap")
+
+
 # -------------------------------------------------------------------------------------- multiplicity
 
 def bootstrap_p_values(replicates: Tensor) -> Tensor:
@@ -206,7 +225,8 @@ def bootstrap_p_values(replicates: Tensor) -> Tensor:
         p = min(1, 2 min(1 + #{Delta*_r <= 0}, 1 + #{Delta*_r >= 0}) / (R + 1)),
 
     so p < alpha (about) iff 0 lies outside the equal-tailed (1 - alpha) percentile interval; the +1
-    (Davison & Hinkley 1997, eq. 4.11) keeps p >= 2 / (R + 1) > 0. All-zero replicates give p = 1.
+    (the Monte-Carlo p-value of Davison & Hinkley 1997, ch. 4) keeps p >= 2 / (R + 1) > 0. All-zero
+    replicates give p = 1.
     """
     x = torch.as_tensor(replicates, dtype=torch.float64)
     x = x[None] if x.ndim == 1 else x

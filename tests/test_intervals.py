@@ -57,7 +57,8 @@ METRICS = [ECE, M.negative_log_likelihood, M.brier_score, functools.partial(ECE,
 @pytest.mark.parametrize("metric", METRICS)
 def test_identical_sample_sets_give_exactly_the_paired_bootstrap(metric):
     """A posterior whose sample sets are identical has an MC term of exactly 0: the one-level interval."""
-    probs_map, labels = _probs(300, 6, 0), torch.randint(0, 6, (300,), generator=torch.Generator().manual_seed(1))
+    probs_map = _probs(300, 6, 0)
+    labels = torch.randint(0, 6, (300,), generator=torch.Generator().manual_seed(1))
     bayes = _probs(300, 6, 2, scale=1.0)
     one = M.paired_bootstrap_ci(metric, probs_map, bayes, labels, n_resamples=200, seed=5)
     for sets in (bayes, bayes.expand(4, -1, -1)):
@@ -125,7 +126,8 @@ def test_subsets_share_rows_and_set_draws():
 def test_seed_t_interval_hand_computed():
     ci = I.seed_t_interval(torch.tensor([1.0, 2.0, 3.0]), level=0.95)
     half = 4.302652729911275 / math.sqrt(3)  # t_{2, 0.975} * s / sqrt(n), s = 1
-    assert (ci.estimate.item(), ci.low.item(), ci.high.item()) == pytest.approx((2, 2 - half, 2 + half), abs=1e-9)
+    got = (ci.estimate.item(), ci.low.item(), ci.high.item())
+    assert got == pytest.approx((2, 2 - half, 2 + half), abs=1e-9)
     ref = stats.t.interval(0.9, 4, loc=np.mean([1, 4, 2, 8, 5]), scale=stats.sem([1, 4, 2, 8, 5]))
     two_cols = I.seed_t_interval(torch.tensor([[1.0, 0], [4, 0], [2, 0], [8, 0], [5, 0]]), level=0.9)
     assert (two_cols.low[0].item(), two_cols.high[0].item()) == pytest.approx(ref, abs=1e-12)
@@ -145,10 +147,14 @@ def test_across_seeds_crossed_vs_nested_examples():
     one = I.percentile_interval(base)
     shared = I.across_seeds(per_seed, shared_examples=True, n_resamples=4000)
     nested = I.across_seeds(per_seed, shared_examples=False, n_resamples=4000)
-    width = lambda rep: (lambda lo, hi: (hi - lo).item())(*I.percentile_interval(rep.replicates[0]))  # noqa: E731
+    def width(rep):
+        low, high = I.percentile_interval(rep.replicates[0])
+        return (high - low).item()
+
     assert width(shared) == pytest.approx((one[1] - one[0]).item(), rel=0.1)
     assert width(nested) == pytest.approx((one[1] - one[0]).item() / 3, rel=0.15)  # sqrt(9) = 3
-    assert shared.seed_std.item() == pytest.approx(0.0, abs=1e-15) and shared.estimate.item() == pytest.approx(base.mean().item())
+    assert shared.seed_std.item() == pytest.approx(0.0, abs=1e-15)
+    assert shared.estimate.item() == pytest.approx(base.mean().item())
 
 
 def test_across_seeds_adds_the_seed_spread():
@@ -162,17 +168,23 @@ def test_across_seeds_adds_the_seed_spread():
     assert rep.estimate.item() == pytest.approx(t.estimate.item(), abs=1e-12)
     assert low < rep.estimate.item() < high and (high - low) > 0.5 * (t.high - t.low).item()
     assert rep.seed_std.item() == pytest.approx(effects.std().item(), abs=0.02)
+    ci = I.across_seeds_ci(per_seed, shared_examples=True, n_resamples=3000, seed=2)
+    assert (ci.low.item(), ci.high.item(), ci.method, ci.n_seeds) == (low.item(), high.item(),
+                                                                      "hierarchical-bootstrap", 8)
 
 
 def test_across_seeds_refuses_mismatched_names():
     with pytest.raises(ValueError, match="same names"):
         I.across_seeds([_seed_reps([1.0, 2.0]), _seed_reps([1.0, 2.0], names=("y",))], shared_examples=True)
+    with pytest.raises(ValueError, match="n_resamples"):
+        I.across_seeds([_seed_reps([1.0, 2.0])] * 2, shared_examples=True, n_resamples=0)
 
 
 # ------------------------------------------------------------------------------------ multiplicity
 
 def test_bootstrap_p_values_match_their_definition():
-    x = torch.randn(5, 199, generator=torch.Generator().manual_seed(0)) + torch.tensor([0, 0.5, 1, 5, -5])[:, None]
+    shift = torch.tensor([0, 0.5, 1, 5, -5])[:, None]
+    x = torch.randn(5, 199, generator=torch.Generator().manual_seed(0)) + shift
     x[0] = 0.0
     p = I.bootstrap_p_values(x)
     for row, got in zip(x.tolist(), p.tolist()):
@@ -196,15 +208,16 @@ def test_holm_hand_computed():
     # sorted: .005 * 4 = .02; .01 * 3 = .03; .03 * 2 = .06; .04 * 1 = .04 -> max(.06, .04) = .06
     adjusted = I.holm(torch.tensor([0.01, 0.04, 0.03, 0.005], dtype=torch.float64))
     assert adjusted.tolist() == pytest.approx([0.03, 0.06, 0.06, 0.02], abs=1e-15)
-    assert I.holm(torch.tensor([0.9, 0.2], dtype=torch.float64)).tolist() == pytest.approx([0.9, 0.4])  # max(.4, .9)
+    # sorted: .2 * 2 = .4; .9 * 1 = .9 -> max(.4, .9) = .9
+    assert I.holm(torch.tensor([0.9, 0.2], dtype=torch.float64)).tolist() == pytest.approx([0.9, 0.4])
 
 
 def _closed_bonferroni(p):
     """Brute force: the closure of Bonferroni tests; H_i's adjusted p = max over I containing i of
     min(1, |I| min_{j in I} p_j)."""
     m = len(p)
-    return [max(min(1.0, len(s) * min(p[j] for j in s))
-                for r in range(1, m + 1) for s in itertools.combinations(range(m), r) if i in s) for i in range(m)]
+    families = [s for r in range(1, m + 1) for s in itertools.combinations(range(m), r)]
+    return [max(min(1.0, len(s) * min(p[j] for j in s)) for s in families if i in s) for i in range(m)]
 
 
 def _holm_rejects(p, alpha):
@@ -221,7 +234,8 @@ def _holm_rejects(p, alpha):
 def test_holm_equals_brute_force_definitions(seed):
     rng = np.random.default_rng(seed)
     m = int(rng.integers(1, 8))
-    p = (rng.uniform(0, 0.2, m) ** 2).tolist() if seed % 2 else rng.uniform(0, 1, m).round(2).tolist()  # ties too
+    # small p-values on odd seeds; rounded ones (with ties) on even seeds
+    p = (rng.uniform(0, 0.2, m) ** 2).tolist() if seed % 2 else rng.uniform(0, 1, m).round(2).tolist()
     adjusted = I.holm(torch.tensor(p, dtype=torch.float64)).tolist()
     assert adjusted == pytest.approx(_closed_bonferroni(p), abs=1e-12)
     for alpha in (0.001, 0.01, 0.05, 0.1, 0.3):
@@ -238,7 +252,8 @@ def test_simultaneous_intervals_cover_jointly():
         x = torch.randn(n, s, generator=g, dtype=torch.float64)
         est = x.mean(0)
         reps = x[torch.randint(0, n, (r, n), generator=g)].mean(1).T          # (S, R)
-        hits["marginal"] += bool(((lambda lo, hi: (lo <= 0) & (hi >= 0))(*I.percentile_interval(reps))).all())
+        low, high = I.percentile_interval(reps)
+        hits["marginal"] += bool(((low <= 0) & (high >= 0)).all())
         for method in ("max_t", "bonferroni"):
             low, high = I.simultaneous_intervals(est, reps, 0.95, method)
             hits[method] += bool(((low <= 0) & (high >= 0)).all())
@@ -256,9 +271,11 @@ def test_simultaneous_max_t_zero_spread_rows_and_bad_method():
 
 def test_ranking_table_orders_and_flags_distinguishable():
     logits = 3 * torch.randn(1500, 5, generator=torch.Generator().manual_seed(0))
-    labels = torch.multinomial(torch.softmax(logits, 1), 1, generator=torch.Generator().manual_seed(1)).squeeze(1)
+    g = torch.Generator().manual_seed(1)
+    labels = torch.multinomial(torch.softmax(logits, 1), 1, generator=g).squeeze(1)
     probs_map = torch.softmax(3 * logits, 1)  # overconfident
-    bayes = {"same": probs_map.clone(), "calibrated": torch.softmax(logits, 1), "half": torch.softmax(2 * logits, 1)}
+    bayes = {"same": probs_map.clone(), "calibrated": torch.softmax(logits, 1),
+             "half": torch.softmax(2 * logits, 1)}
     rep = I.delta_replicates(ECE, probs_map, bayes, labels, n_resamples=300)
     table = I.ranking_table(rep)
     json.dumps(table)

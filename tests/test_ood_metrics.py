@@ -35,7 +35,8 @@ def test_auroc_hand_cases():
 
 def test_auroc_equals_the_mann_whitney_u():
     g = torch.Generator().manual_seed(7)
-    s_in, s_out = torch.randint(0, 5, (60,), generator=g).double(), torch.randint(0, 5, (40,), generator=g).double()
+    s_in = torch.randint(0, 5, (60,), generator=g).double()
+    s_out = torch.randint(0, 5, (40,), generator=g).double()
     u = stats.mannwhitneyu(s_in.numpy(), s_out.numpy(), alternative="two-sided").statistic
     assert M.auroc(s_in, s_out) == pytest.approx(u / (60 * 40), abs=1e-12)
 

@@ -185,7 +185,8 @@ def _load_npy(path: str) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r")
     except (OSError, ValueError) as err:
-        raise DataError(f"cannot read {path!r} as a .npy array ({err}); re-extract it. {_CIFAR10C_FIX}") from None
+        raise DataError(f"cannot read {path!r} as a .npy array ({err}); re-extract it. "
+                        f"{_CIFAR10C_FIX}") from None
 
 
 def load_cifar10c(folder: str | os.PathLike, corruption: str, severity: int) -> tuple[Tensor, Tensor]:
@@ -228,7 +229,8 @@ def load_svhn_test(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
     try:
         mat = loadmat(path)
     except Exception as err:  # noqa: BLE001 - scipy raises several types for a broken file
-        raise DataError(f"cannot read {path!r} as a MATLAB file ({type(err).__name__}: {err}). {fix}") from None
+        raise DataError(f"cannot read {path!r} as a MATLAB file ({type(err).__name__}: {err}). "
+                        f"{fix}") from None
     x, y = mat.get("X"), mat.get("y")
     if x is None or y is None or x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3) \
             or y.size != x.shape[3]:

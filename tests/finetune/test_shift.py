@@ -1,5 +1,7 @@
 """distlap.finetune.shift: seeded corruptions, near/far OOD, and the CIFAR-10-C / SVHN file loaders."""
 
+import itertools
+
 import numpy as np
 import pytest
 import scipy.io
@@ -42,7 +44,7 @@ def test_corruption_keeps_shape_dtype_and_is_seeded(name, c, size):
 def test_distance_grows_with_severity(name, c, size):
     x = _images(n=32, c=c, size=size)
     dist = [(S.corrupt(x, name, s, seed=0).float() - x.float()).abs().mean().item() for s in range(1, 6)]
-    assert all(a < b for a, b in zip(dist, dist[1:])), dist
+    assert all(a < b for a, b in itertools.pairwise(dist)), dist
 
 
 def test_noise_has_the_tabled_sigma():
@@ -84,7 +86,8 @@ def test_held_out_classes_returns_the_unseen_ones():
 
 def test_held_out_classes_refuses_overlap_naming_both_lists():
     x, y = _images(n=20), torch.arange(20) % 10
-    with pytest.raises(ValueError, match=r"ood_classes \[0, 5\] and fine_tuned_classes \[5, 6\] overlap in \[5\]"):
+    named = r"ood_classes \[0, 5\] and fine_tuned_classes \[5, 6\] overlap in \[5\]"
+    with pytest.raises(ValueError, match=named):
         S.held_out_classes(x, y, [6, 5], ood_classes=[5, 0])
     with pytest.raises(ValueError, match="no test example"):
         S.held_out_classes(x, y, list(range(10)))
