@@ -12,9 +12,10 @@ Three sources, three tools, one currency: bootstrap *replicates* of Delta, (S, R
    it, bit for bit, to :func:`distlap.metrics.paired_bootstrap_ci`. All S predictives share the rows
    and the set draws, as the subsets of one posterior share their samples, so differences between
    subsets are paired too.
-2. Training seeds (:func:`across_seeds`, :func:`seed_t_interval`): see those functions.
-3. Multiplicity when many subsets are ranked at once (:mod:`distlap.intervals` second half):
-   bootstrap p-values for Delta != 0, Holm's step-down adjustment, simultaneous max-|t| or Bonferroni
+2. Training seeds: a hierarchical bootstrap over seeds, then examples (:func:`across_seeds`,
+   :func:`across_seeds_ci`) when each seed has replicates; a t-interval (:func:`seed_t_interval`) when
+   only one number per seed exists. Which covers what: see those functions.
+3. Multiplicity when many subsets are ranked at once (:func:`ranking_table`): bootstrap p-values for Delta != 0, Holm's step-down adjustment, simultaneous max-|t| or Bonferroni
    intervals, and pairwise differences Delta_S - Delta_T from the same replicates.
 """
 
