@@ -226,18 +226,7 @@ def summarize(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, floa
     }
 
 
-# ---------------------------------------------------------------------------------------- bootstrap
-
-
-@dataclass(frozen=True)
-class BootstrapCI:
-    """A percentile bootstrap interval for metric(a) - metric(b)."""
-
-    estimate: float  # metric(a) - metric(b) on the full data
-    low: float
-    high: float
-    level: float
-    n_resamples: int
+# ------------------------------------------------------------------------------ resampled metrics
 
 
 _FAST: dict[Callable, _Batched] = {
@@ -258,66 +247,82 @@ def _fast_path(metric: Metric) -> tuple[_Batched, dict] | None:
     return None if batched is None else (batched, kw)
 
 
-def _resample_indices(n: int, n_resamples: int, generator: torch.Generator) -> Tensor:
-    """Bootstrap resamples of the example indices, with replacement: (n_resamples, n) int64."""
-    return torch.randint(0, n, (n_resamples, n), generator=generator)
+def replicate_values(metric: Metric, probs: Tensor, labels: Tensor, idx: Tensor) -> Tensor:
+    """metric(probs[idx_r], labels[idx_r]) for each row idx_r of ``idx`` (R, n); returns (R,) float64.
 
-
-def _replicate_differences(metric: Metric, a: Tensor, b: Tensor, labels: Tensor, idx: Tensor) -> Tensor:
-    """metric(a[idx_r]) - metric(b[idx_r]) for each row idx_r of ``idx`` (R, N); returns (R,) float64."""
-    fast = _fast_path(metric)
-    if fast is not None:  # vectorised over all replicates
-        batched, kw = fast
-        return _evaluate(batched, a, labels, idx, **kw) - _evaluate(batched, b, labels, idx, **kw)
-    return torch.tensor([metric(a[i], labels[i]) - metric(b[i], labels[i]) for i in idx], dtype=torch.float64)
-
-
-def paired_bootstrap_ci(
-    metric: Metric,
-    probs_a: Tensor,
-    probs_b: Tensor,
-    labels: Tensor,
-    *,
-    n_resamples: int = 1000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> BootstrapCI:
-    """Paired percentile bootstrap (Efron & Tibshirani 1993) for metric(a) - metric(b).
-
-    Each replicate draws N examples with replacement and evaluates both predictives on the same
-    examples; the interval is the [(1-level)/2, (1+level)/2] quantiles of the replicate differences.
-    ``metric`` is any ``callable(probs, labels) -> float``; the built-in metrics (also as keyword
-    ``functools.partial``) run vectorised over all replicates, anything else in a Python loop.
+    The built-in metrics (and keyword ``functools.partial`` s of them) run vectorised over all rows;
+    ``replicate_values(m, a, y, idx) - replicate_values(m, b, y, idx)`` are the replicate differences of
+    :func:`distlap.intervals.paired_bootstrap_ci`; any other metric runs in a loop.
     """
-    shape_a, shape_b = tuple(torch.as_tensor(probs_a).shape), tuple(torch.as_tensor(probs_b).shape)
-    if shape_a != shape_b:
-        raise ValueError(f"probs_a and probs_b must have the same shape, got {shape_a} and {shape_b}")
-    probs_a, labels = _check_inputs(probs_a, labels)
-    probs_b, _ = _check_inputs(probs_b, labels)
-    if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1), got {level}")
-    _check_count("n_resamples", n_resamples)
-    estimate = metric(probs_a, labels) - metric(probs_b, labels)  # also validates the metric's own args
-    idx = _resample_indices(labels.shape[0], n_resamples, torch.Generator().manual_seed(seed))  # (R, N)
-    diffs = _replicate_differences(metric, probs_a, probs_b, labels, idx)  # (R,)
-    tails = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    low, high = torch.quantile(diffs, tails).tolist()
-    return BootstrapCI(float(estimate), low, high, level, n_resamples)
+    probs, labels = _check_inputs(probs, labels)
+    idx = torch.as_tensor(idx)
+    if idx.ndim != 2 or idx.is_floating_point() or idx.dtype == torch.bool or idx.numel() == 0:
+        raise ValueError(
+            f"idx must be a non-empty 2-D integer tensor (R, n), got {idx.dtype} {tuple(idx.shape)}"
+        )
+    if idx.min() < 0 or idx.max() >= labels.shape[0]:
+        raise ValueError(
+            f"idx must index the {labels.shape[0]} examples, got values in [{idx.min()}, {idx.max()}]"
+        )
+    idx = idx.long()
+    fast = _fast_path(metric)
+    if fast is not None:
+        batched, kw = fast
+        return _evaluate(batched, probs, labels, idx, **kw)
+    return torch.tensor([float(metric(probs[i], labels[i])) for i in idx], dtype=torch.float64)
 
 
-def delta_ece_ci(
-    probs_map: Tensor,
-    probs_bayes: Tensor,
-    labels: Tensor,
-    *,
-    n_bins: int = 15,
-    n_resamples: int = 1000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> BootstrapCI:
-    """Delta_ECE = ECE_MAP - ECE_Bayes with a paired bootstrap interval over test examples; positive
-    means the Bayesian predictive is better calibrated than the MAP one."""
-    ece = functools.partial(expected_calibration_error, n_bins=n_bins)
-    return paired_bootstrap_ci(
-        ece, probs_map, probs_bayes, labels, n_resamples=n_resamples, level=level, seed=seed
-    )
+# ------------------------------------------------------------------------------------ OOD detection
+
+
+def predictive_entropy(probs: Tensor) -> Tensor:
+    """H(p_i) = -sum_c p_ic log p_ic per row (0 log 0 = 0), in nats: (N, C) -> (N,) float64.
+
+    The OOD score of Hendrycks & Gimpel (2017)'s baseline family: in-distribution inputs should have
+    low entropy, so ``-predictive_entropy`` is the score to pass to :func:`auroc`.
+    """
+    probs = torch.as_tensor(probs).detach()
+    if probs.ndim != 2 or not probs.is_floating_point() or probs.numel() == 0:
+        raise ValueError(
+            f"probs must be a non-empty 2-D float tensor (N, C), got {probs.dtype} {tuple(probs.shape)}"
+        )
+    p = probs.double().clamp_min(0)
+    return -torch.special.xlogy(p, p).sum(1)
+
+
+def _check_scores(name: str, scores: Tensor) -> Tensor:
+    scores = torch.as_tensor(scores).detach()
+    if scores.ndim != 1 or scores.numel() == 0 or not torch.isfinite(scores.double()).all():
+        raise ValueError(
+            f"{name} must be a non-empty 1-D tensor of finite scores, got "
+            f"{scores.dtype} {tuple(scores.shape)}"
+        )
+    return scores.double()
+
+
+def auroc(scores_in: Tensor, scores_out: Tensor) -> float:
+    """Area under the ROC curve with in-distribution as the positive class (higher score = "in").
+
+    The Mann-Whitney statistic AUROC = P(s_in > s_out) + 1/2 P(s_in = s_out) over all n_in * n_out
+    pairs (Hanley & McNeil 1982), i.e. ties count one half, as sklearn's ``roc_auc_score``. OOD
+    detection scores (Hendrycks & Gimpel 2017): max-probability ``probs.max(1).values`` or
+    ``-predictive_entropy(probs)``. O((n_in + n_out) log n_in) via a sorted search, float64.
+    """
+    s_in, s_out = _check_scores("scores_in", scores_in), _check_scores("scores_out", scores_out)
+    ranked = s_in.sort().values  # (n_in,)
+    below_or_equal = torch.searchsorted(ranked, s_out, right=True)  # (n_out,) #{s_in <= s}
+    below = torch.searchsorted(ranked, s_out, right=False)  # (n_out,) #{s_in < s}
+    greater = (s_in.numel() - below_or_equal).double()
+    ties = (below_or_equal - below).double()
+    return float((greater + 0.5 * ties).sum() / (s_in.numel() * s_out.numel()))
+
+
+def ood_aurocs(probs_in: Tensor, probs_out: Tensor) -> dict[str, float]:
+    """AUROC of telling ``probs_in`` (N_in, C) from ``probs_out`` (N_out, C) by max-probability
+    (``auroc_maxprob``) and by negative predictive entropy (``auroc_entropy``); 0.5 = chance."""
+    return {
+        "auroc_maxprob": auroc(
+            torch.as_tensor(probs_in).max(1).values, torch.as_tensor(probs_out).max(1).values
+        ),
+        "auroc_entropy": auroc(-predictive_entropy(probs_in), -predictive_entropy(probs_out)),
+    }

@@ -59,6 +59,18 @@ def test_import_contracts_hold():
         os.chdir(cwd)
 
 
+def test_every_module_has_its_place_in_the_layers():
+    """A new top-level module or wing must be placed in the layers contract, or nothing checks it."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c for c in contracts if c["type"] == "layers")["layers"]
+    placed = {m.strip() for layer in layers for m in layer.replace("|", ":").split(":")}
+    modules = {f"distlap.{p.stem}" for p in (ROOT / "distlap").glob("*.py") if p.name != "__init__.py"}
+    wings = {f"distlap.{p.parent.name}" for p in (ROOT / "distlap").glob("*/__init__.py")}
+    assert modules | wings <= placed, sorted((modules | wings) - placed)
+
+
 def test_functions_and_modules_are_small():
     long = []
     for path in LIBRARY:

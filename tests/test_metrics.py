@@ -1,7 +1,6 @@
-"""distlap.metrics: hand-computed values, parity with torchmetrics / torch, and the paired bootstrap."""
+"""distlap.metrics: hand-computed values, parity with torchmetrics / torch."""
 
 import dataclasses
-import functools
 import json
 import math
 
@@ -169,67 +168,6 @@ def test_reliability_bins_count_confidence_one():
     assert ece == pytest.approx(M.expected_calibration_error(probs, labels), abs=1e-12)
 
 
-# ----------------------------------------------------------------------------------------- bootstrap
-
-BUILTINS = [
-    M.accuracy,
-    M.expected_calibration_error,
-    M.maximum_calibration_error,
-    M.negative_log_likelihood,
-    M.brier_score,
-    functools.partial(M.expected_calibration_error, n_bins=7),
-]
-
-
-@pytest.mark.parametrize("metric", BUILTINS)
-def test_bootstrap_fast_path_equals_generic_loop(metric):
-    probs_a, labels = _random_probs(200, 10, seed=5)
-    probs_b, _ = _random_probs(200, 10, seed=6, scale=1.0)
-    assert M._fast_path(metric) is not None
-    fast = M.paired_bootstrap_ci(metric, probs_a, probs_b, labels, n_resamples=50, seed=1)
-    loop = M.paired_bootstrap_ci(lambda p, y: metric(p, y), probs_a, probs_b, labels, n_resamples=50, seed=1)
-    assert M._fast_path(lambda p, y: metric(p, y)) is None
-    assert dataclasses.astuple(fast) == pytest.approx(dataclasses.astuple(loop), abs=1e-12)
-
-
-def test_resample_indices_are_seeded():
-    draw = lambda seed: M._resample_indices(50, 20, torch.Generator().manual_seed(seed))
-    idx = draw(0)
-    assert idx.shape == (20, 50) and idx.dtype == torch.int64 and idx.min() >= 0 and idx.max() < 50
-    assert torch.equal(idx, draw(0)) and not torch.equal(idx, draw(1))
-
-
-def _calibrated_and_overconfident(n: int = 2000, c: int = 10) -> tuple[torch.Tensor, ...]:
-    """Labels drawn from the 'Bayes' probabilities (calibrated); 'MAP' sharpens the same logits."""
-    g = torch.Generator().manual_seed(7)
-    logits = torch.randn(n, c, generator=g)
-    bayes = torch.softmax(logits, 1)
-    labels = torch.multinomial(bayes, 1, generator=g).squeeze(1)
-    return torch.softmax(4 * logits, 1), bayes, labels
-
-
-def test_delta_ece_positive_when_bayes_is_better_calibrated():
-    probs_map, probs_bayes, labels = _calibrated_and_overconfident()
-    ci = M.delta_ece_ci(probs_map, probs_bayes, labels, n_resamples=300)
-    ece = M.expected_calibration_error
-    assert ci.estimate == pytest.approx(ece(probs_map, labels) - ece(probs_bayes, labels))
-    assert 0 < ci.low <= ci.estimate <= ci.high
-    assert (ci.level, ci.n_resamples) == (0.95, 300)
-
-
-def test_bootstrap_identical_inputs_give_zero_interval():
-    probs, labels = _random_probs(300, 5, seed=8)
-    ci = M.delta_ece_ci(probs, probs.clone(), labels, n_resamples=200)
-    assert (ci.estimate, ci.low, ci.high) == (0.0, 0.0, 0.0)
-
-
-def test_bootstrap_is_reproducible_and_seed_dependent():
-    probs_map, probs_bayes, labels = _calibrated_and_overconfident(n=500)
-    run = functools.partial(M.delta_ece_ci, probs_map, probs_bayes, labels, n_resamples=200)
-    assert run(seed=3) == run(seed=3)
-    assert run(seed=3) != run(seed=4)
-
-
 # ---------------------------------------------------------------------------------------- validation
 
 
@@ -256,18 +194,3 @@ def test_invalid_n_bins_raise(n_bins):
     for metric in (M.expected_calibration_error, M.maximum_calibration_error, M.reliability_bins):
         with pytest.raises(ValueError, match="n_bins"):
             metric(HAND_PROBS, HAND_LABELS, n_bins)
-    with pytest.raises(ValueError, match="n_bins"):
-        M.delta_ece_ci(HAND_PROBS, HAND_PROBS, HAND_LABELS, n_bins=n_bins)
-
-
-@pytest.mark.parametrize("level", [0.0, 1.0, -0.5, 1.5])
-def test_invalid_level_raises(level):
-    with pytest.raises(ValueError, match="level"):
-        M.paired_bootstrap_ci(M.accuracy, HAND_PROBS, HAND_PROBS, HAND_LABELS, level=level)
-
-
-def test_bootstrap_shape_mismatch_raises():
-    with pytest.raises(ValueError, match="same shape"):
-        M.paired_bootstrap_ci(M.accuracy, HAND_PROBS, HAND_PROBS[:, :2].softmax(1), HAND_LABELS)
-    with pytest.raises(ValueError, match="n_resamples"):
-        M.paired_bootstrap_ci(M.accuracy, HAND_PROBS, HAND_PROBS, HAND_LABELS, n_resamples=0)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from distlap import metrics, names
+from distlap import intervals, metrics, names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ def subset_row(
     seed: int,
 ) -> dict:
     """The row of one subset in ``layer_wise_results.json`` (see the README)."""
-    ci = metrics.delta_ece_ci(
+    ci = intervals.delta_ece_ci(
         ref.test_probs, test_probs, ref.test_labels, n_bins=n_bins, n_resamples=n_bootstrap, seed=seed
     )
     low, high = names.interval(names.delta("subset", "test", "ece"))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from distlap import metrics, names
+from distlap import intervals, metrics, names
 from distlap.bayes.evaluate import Reference, map_row, row_line, split_scores, subset_row
 
 
@@ -48,7 +48,7 @@ def test_subset_row_scores_deltas_and_interval(ref):
     assert m[names.delta("subset", "test", "accuracy")] == pytest.approx(
         metrics.accuracy(test, ref.test_labels) - map_acc
     )
-    ci = metrics.delta_ece_ci(ref.test_probs, test, ref.test_labels, n_bins=10, n_resamples=200, seed=0)
+    ci = intervals.delta_ece_ci(ref.test_probs, test, ref.test_labels, n_bins=10, n_resamples=200, seed=0)
     low, high = names.interval(delta)
     assert (m[low], m[high]) == (ci.low, ci.high)
     np.testing.assert_equal(
