@@ -226,6 +226,20 @@ def summarize(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, floa
     }
 
 
+def stacked_scores(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, Tensor]:
+    """ECE, NLL and accuracy of S predictives of the same N examples at once: ``probs`` (S, N, C)
+    -> {"ece", "nll", "accuracy"}: (S,) float64 each, exactly the scalar metrics of each row."""
+    s, n, c = probs.shape
+    flat, ys = probs.reshape(s * n, c), labels.repeat(s)  # (S N, C), (S N,)
+    bins, conf, correct = (t.view(s, n) for t in _calibration_terms(flat, ys, n_bins))
+    (nll,) = _nll_terms(flat, ys)
+    return {
+        "ece": _ece_reduce(bins, conf, correct, n_bins=n_bins),
+        "nll": nll.view(s, n).mean(1),
+        "accuracy": correct.mean(1),
+    }
+
+
 # ------------------------------------------------------------------------------ resampled metrics
 
 

@@ -194,3 +194,14 @@ def test_invalid_n_bins_raise(n_bins):
     for metric in (M.expected_calibration_error, M.maximum_calibration_error, M.reliability_bins):
         with pytest.raises(ValueError, match="n_bins"):
             metric(HAND_PROBS, HAND_LABELS, n_bins)
+
+
+def test_stacked_scores_are_the_scalar_metrics_of_each_row():
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(2 * torch.randn(4, 60, 7, generator=g), -1)  # (S, N, C)
+    labels = torch.randint(0, 7, (60,), generator=g)
+    scores = M.stacked_scores(probs, labels, n_bins=10)
+    for s in range(4):
+        assert scores["ece"][s].item() == M.expected_calibration_error(probs[s], labels, 10)
+        assert scores["nll"][s].item() == pytest.approx(M.negative_log_likelihood(probs[s], labels), abs=1e-12)
+        assert scores["accuracy"][s].item() == M.accuracy(probs[s], labels)

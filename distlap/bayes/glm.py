@@ -1,0 +1,239 @@
+"""One per-example Jacobian pass serves the linearised (GLM) predictive of every block subset.
+
+Linearised predictive (Immer et al. 2021; Daxberger et al. 2021, "Laplace Redux"):
+    f_lin(x; theta) = f(x; theta*) + J(x) (theta - theta*),   theta ~ N(theta*, Sigma),
+so the logits are Gaussian with mean mu = f(x; theta*) and covariance J Sigma J^T. For diag and KFAC
+posteriors Sigma is block-diagonal over parameter tensors t (hence over transformer blocks b), and the
+restricted posterior of a subset S of blocks has logit covariance sum_{b in S} J_b Sigma_b J_b^T. The
+pass keeps its diagonal per block, v_b(x)_c = sum_{t in b} J_{t,c} Sigma_t J_{t,c}^T:
+    diag: Sigma_t = diag(1 / (factor h_t + lambda))     -> v = sum_p J_cp^2 / (factor h_p + lambda)
+    kron: factor H_t = (Q1 x Q2) diag(factor l1 (x) l2) (Q1 x Q2)^T (laplace-torch's KronDecomposed)
+          -> v = sum_ij (Q1^T J_c Q2)_ij^2 / (factor l1_i l2_j + lambda),  J_c reshaped like the weight
+and the probit link (MacKay 1992) gives p_S(y | x) = softmax(mu / sqrt(1 + pi/8 sum_{b in S} v_b)).
+
+Per-example Jacobian rows come from module hooks: for each class c one backward pass of sum_n f_nc gives
+the gradient at every hooked module output, and a layer's per-example parameter gradient is a sum over
+its tokens (``distlap.curvature.PER_EXAMPLE``): C backward passes per batch, memory bounded by the batch
+(never N x C x P, never a Jacobian of a whole chunk).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from laplace.baselaplace import DiagLaplace, KronLaplace
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from distlap.bayes.curvature import PER_EXAMPLE
+from distlap.bayes.layers import block_index
+from distlap.metrics import stacked_scores
+
+Rotate = Callable[[Tensor], Tensor]  # per-example gradient (n, *shape) -> its coordinates (n, numel)
+Term = tuple[Rotate | None, Tensor]  # (rotation or None = identity, inverse eigenvalues (G, numel))
+
+
+@dataclass
+class GLMPass:
+    """What one pass returns. ``variances`` is (N, B, C), or (G, N, B, C) over ``prior_precisions``."""
+
+    logits: Tensor  # (N, C) fp32 MAP logits f(x; theta*)
+    variances: Tensor  # (N, B, C) or (G, N, B, C): diag of J_b Sigma_b J_b^T
+    labels: Tensor  # (N,)
+    prior_precisions: Tensor | None  # (G,) the lambda grid, None = the Laplace object's own prior
+
+    def at(self, g: int) -> Tensor:
+        """Per-block variances (N, B, C) under grid point ``g``."""
+        return self.variances if self.prior_precisions is None else self.variances[g]
+
+
+def param_blocks(model: nn.Module, la) -> list[int]:
+    """Transformer block of each of ``la.params``, in laplace-torch's flat order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    blocks = [block_index(names[id(p)]) for p in la.params]
+    if None in blocks:
+        raise ValueError("every posterior parameter must lie inside a transformer block")
+    return blocks
+
+
+# ------------------------------------------------------------------------- posterior per tensor
+
+
+def _diag_terms(la: DiagLaplace, prior_precisions: Tensor | None) -> list[Term]:
+    """diag: Sigma_t = 1 / (factor h_t + lambda), per tensor (G, numel); rotation is the identity."""
+    if prior_precisions is None:
+        inv = (1 / la.posterior_precision)[None]  # (1, P), laplace-torch's own
+    else:
+        curv = la._H_factor * la.H  # (P,)
+        inv = 1 / (curv[None] + prior_precisions[:, None].to(curv))  # (G, P)
+    return [(None, part) for part in inv.split([p.numel() for p in la.params], dim=1)]
+
+
+def _kron_terms(la: KronLaplace, prior_precisions: Tensor | None) -> list[Term]:
+    """kron: eigenbasis Q1 x Q2 (or Q) and inverse eigenvalues 1 / (factor l1 (x) l2 + lambda), (G, numel)."""
+    if la.damping:
+        raise ValueError("damped KFAC (damping=True) is not additive in lambda; fit with damping=False")
+    decomposed = la.H * la._H_factor  # KronDecomposed, factor folded in
+    if prior_precisions is None:
+        deltas = la.posterior_precision.deltas.reshape(-1, 1)  # (T, 1), laplace-torch's own
+    else:
+        deltas = prior_precisions.to(decomposed.deltas).reshape(1, -1).expand(len(decomposed), -1)
+    terms = []
+    for Qs, ls, delta, p in zip(
+        decomposed.eigenvectors, decomposed.eigenvalues, deltas, la.params, strict=True
+    ):
+        eig = torch.outer(ls[0], ls[1]).flatten() if len(ls) == 2 else ls[0]  # (numel,)
+        if eig.numel() != p.numel():
+            raise ValueError(f"Kronecker factors of size {eig.numel()} for a tensor of {p.numel()}")
+        terms.append((_eigenbasis(Qs), torch.pow(eig[None] + delta[:, None], -1)))  # inv: (G, numel)
+    return terms
+
+
+def _eigenbasis(Qs: Sequence[Tensor]) -> Rotate:
+    """Coordinates of per-example gradients (n, *shape) in the eigenbasis Q1 x Q2 (or Q): (n, numel)."""
+    if len(Qs) == 1:
+        return lambda g: g.flatten(1) @ Qs[0].to(g)
+    q1, q2 = Qs
+    return lambda g: (q1.T.to(g) @ g.reshape(-1, len(q1), len(q2)) @ q2.to(g)).flatten(1)  # vec(Q1^T G Q2)
+
+
+def posterior_terms(la, prior_precisions: Tensor | None = None) -> list[Term]:
+    """Per parameter tensor of ``la`` (flat order): (rotation into Sigma_t's eigenbasis, inverse
+    eigenvalues (G, numel)), so that J Sigma_t J^T = sum_k (rotate(J))_k^2 inv_k for each grid point."""
+    if isinstance(la, DiagLaplace):
+        return _diag_terms(la, prior_precisions)
+    if isinstance(la, KronLaplace):
+        return _kron_terms(la, prior_precisions)
+    raise ValueError(f"{type(la).__name__}: only DiagLaplace and KronLaplace are block-diagonal over tensors")
+
+
+# ------------------------------------------------------------------------------ the Jacobian pass
+
+
+def _owners(model: nn.Module, params: Sequence[Tensor]) -> list[tuple[nn.Module, str]]:
+    """The module that holds each parameter directly, and its attribute name."""
+    where = {}
+    for name, module in model.named_modules():
+        for attr, p in module.named_parameters(recurse=False):
+            where.setdefault(id(p), (name, module, attr))
+    owners = []
+    for p in params:
+        name, module, attr = where[id(p)]
+        if type(module) not in PER_EXAMPLE:
+            raise ValueError(
+                f"{name}.{attr} belongs to a {type(module).__name__}; the GLM pass covers "
+                f"{', '.join(t.__name__ for t in PER_EXAMPLE)} only"
+            )
+        owners.append((module, attr))
+    return owners
+
+
+def _batch_variances(model, x, owners, terms, blocks, n_blocks) -> tuple[Tensor, Tensor]:
+    """MAP logits (n, C) and per-block logit variances (G, n, B, C) of one batch."""
+    modules = {id(m): m for m, _ in owners}
+    calls: list[tuple[nn.Module, Tensor, Tensor]] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out: calls.append((mod, inp[0].detach(), out)))
+        for m in modules.values()
+    ]
+    try:
+        with torch.enable_grad():
+            f = model(x)  # (n, C)
+    finally:
+        for h in hooks:
+            h.remove()
+    n, n_classes = f.shape
+    out = f.new_zeros(terms[0][1].shape[0], n, n_blocks, n_classes)  # (G, n, B, C)
+    for c in range(n_classes):
+        grads = torch.autograd.grad(
+            f[:, c].sum(), [o for *_, o in calls], retain_graph=c < n_classes - 1, materialize_grads=True
+        )
+        per_example: dict[tuple[int, str], Tensor] = {}
+        for (module, a, _), g in zip(calls, grads, strict=True):
+            for attr, value in PER_EXAMPLE[type(module)](a, g.detach(), module).items():
+                key = (id(module), attr)  # modules called twice: sum
+                per_example[key] = per_example[key] + value if key in per_example else value
+        for (module, attr), (rotate, inv), b in zip(owners, terms, blocks, strict=True):
+            jac = per_example[(id(module), attr)]  # (n, *shape): row c of J_t
+            coords = jac.flatten(1) if rotate is None else rotate(jac)  # (n, numel)
+            out[:, :, b, c] += (coords.pow(2) @ inv.T).T  # (G, n)
+    return f.detach().float(), out.float()
+
+
+def glm_pass(
+    model: nn.Module,
+    la,
+    blocks: Sequence[int],
+    loader: DataLoader,
+    device: torch.device,
+    prior_precisions: Tensor | Sequence[float] | None = None,
+) -> GLMPass:
+    """MAP logits and per-block GLM logit variances of every example of ``loader``, in one pass.
+
+    ``la`` is a fitted laplace-torch DiagLaplace or KronLaplace over exactly the posterior parameters
+    (its ``H``, likelihood factor / temperature ``_H_factor`` and, without a grid, its prior precision
+    are used); ``blocks[i]`` is the transformer block of ``la.params[i]``. With ``prior_precisions``
+    (G,) the variances are returned for each scalar lambda_g: (G, N, B, C). Runs in the dtype of the
+    model and of ``la`` (fp32 in distlap; no autocast); logits and variances are returned in fp32.
+    """
+    grid = None if prior_precisions is None else torch.as_tensor(prior_precisions, dtype=torch.float32)
+    if len(blocks) != len(la.params):
+        raise ValueError(f"{len(blocks)} block indices for {len(la.params)} posterior tensors")
+    owners, n_blocks = _owners(model, la.params), max(blocks) + 1
+    model.eval().to(device)
+    terms = [(rot, inv.to(device)) for rot, inv in posterior_terms(la, grid)]
+    chosen = {id(p) for p in la.params}
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(id(p) in chosen)  # only the posterior's tensors build a graph
+    logits, variances, labels = [], [], []
+    try:
+        for x, y in loader:
+            f, v = _batch_variances(model, x.to(device), owners, terms, blocks, n_blocks)
+            logits.append(f.cpu())
+            variances.append(v.cpu())
+            labels.append(y)
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+    v = torch.cat(variances, dim=1)  # (G, N, B, C)
+    return GLMPass(torch.cat(logits), v if grid is not None else v[0], torch.cat(labels), grid)
+
+
+# ------------------------------------------------------------------------- subsets of the table
+
+
+def probit_probs(logits: Tensor, variances: Tensor, subset: Iterable[int]) -> Tensor:
+    """softmax(mu / sqrt(1 + pi/8 sum_{b in S} v_b)), (N, C); the empty subset gives softmax(mu) exactly."""
+    mask = torch.zeros(1, variances.shape[1], dtype=torch.bool)
+    mask[0, list(subset)] = True
+    return subset_probs(logits, variances, mask)[0]
+
+
+def subset_probs(logits: Tensor, variances: Tensor, masks: Tensor) -> Tensor:
+    """Probit probabilities of many subsets at once: masks (S, B) bool -> (S, N, C)."""
+    n, b, c = variances.shape
+    var = (masks.to(variances) @ variances.transpose(0, 1).reshape(b, n * c)).view(-1, n, c)  # (S, N, C)
+    z = torch.div(logits, var.mul_(math.pi / 8).add_(1).sqrt_(), out=var)  # in place: mu / sqrt(1 + ...)
+    return torch.softmax(z, dim=-1)
+
+
+def subset_metrics(
+    logits: Tensor, variances: Tensor, labels: Tensor, masks: Tensor, n_bins: int = 15, max_bytes: int = 2**28
+) -> dict[str, Tensor]:
+    """ECE, NLL and accuracy (float64, (S,) each) of the probit predictive of every mask (S, B).
+
+    Exactly ``distlap.metrics`` on :func:`subset_probs` (same binning, NLL clamp at 1e-12), chunked over
+    subsets so that one chunk's probabilities take at most ``max_bytes`` (peak about twice that).
+    """
+    n, _, c = variances.shape
+    rows = max(1, max_bytes // (4 * n * c))
+    out = {"ece": [], "nll": [], "accuracy": []}
+    for chunk in masks.split(rows):
+        scores = stacked_scores(subset_probs(logits, variances, chunk), labels, n_bins)  # (s,) each
+        for key, value in scores.items():
+            out[key].append(value)
+    return {k: torch.cat(v) for k, v in out.items()}
