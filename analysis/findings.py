@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 import pandas as pd
 
+from analysis import attribution
 from analysis.aggregate import DELTA, DELTA_ACCURACY, DELTA_HIGH, DELTA_LOW, TEST, config_label, ranking
 from analysis.collect import SweepData
 from distlap import names
@@ -48,7 +49,6 @@ _LAPLACE_FIELDS = (
     names.HESSIAN,
     names.BACKEND,
     names.PREDICTIVE,
-    names.LINK,
     names.N_SAMPLES,
     names.N_PARAMS,
     names.N_BLOCKS,
@@ -82,7 +82,25 @@ def findings(data: SweepData, summary: pd.DataFrame, reference: str) -> dict:
         "all_vs_best_single_layer": _compare(every, best_layer),
         "optuna_best": _optuna_best(data),
         "cost": _cost(data, summary),
+        "attribution": _attribution([data.results[t] for t in ref[TRIAL_IDS] if t in data.results]),
+        "own_lambda": attribution.ranking_survives(ranked),
     }
+
+
+def _attribution(results: list[dict]) -> dict | None:
+    """The blocks by Shapley value of Δ_ECE and Δ_NLL (mean over seeds, interval), the best-k curve."""
+    table = attribution.shapley_table(results)
+    if table.empty:
+        return None
+    out = {}
+    for score, rows in table.groupby(attribution.SCORE, sort=False):
+        rows = rows.sort_values(attribution.VALUE, ascending=False)
+        out[score] = [{k: _clean(v) for k, v in row.items()} for row in rows.to_dict("records")]
+    best = attribution.best_k_table(results)
+    out["best_k"] = [
+        {k: (v if k == BLOCKS else _clean(v)) for k, v in row.items()} for row in best.to_dict("records")
+    ]
+    return out
 
 
 def _clean(value):
@@ -192,7 +210,36 @@ def _fmt_subset(s: dict) -> str:
 
 def narrative(f: dict) -> list[str]:
     """A few plain sentences that state the findings, for the HTML page and the terminal."""
-    return [*_setup_lines(f), *_subset_lines(f), *_cost_lines(f)]
+    return [*_setup_lines(f), *_attribution_lines(f), *_subset_lines(f), *_cost_lines(f)]
+
+
+def _attribution_lines(f: dict) -> list[str]:
+    """Which blocks the Shapley values single out (an interval above 0), and whether λ_S changes the order."""
+    lines = []
+    for score, rows in (f.get("attribution") or {}).items():
+        if score == "best_k":
+            continue
+        label = names.SCORES[score].label
+        top = rows[0]
+        low, high = top[attribution.LOW], top[attribution.HIGH]
+        clear = [str(r[attribution.BLOCK]) for r in rows if (r[attribution.LOW] or 0) > 0]
+        lines.append(
+            f"By Shapley value, block {top[attribution.BLOCK]} contributes most to Δ{label} "
+            f"({top[attribution.VALUE]:+.4f}, 95% interval [{low:+.4f}, {high:+.4f}]); "
+            + (
+                f"blocks whose interval lies above 0: {', '.join(clear)}."
+                if clear
+                else "no block's interval lies above 0."
+            )
+        )
+    own = f.get("own_lambda") or {}
+    if own.get("available"):
+        verdict = "the same" if own["survives"] else f"{own['top_own_lambda']} instead"
+        lines.append(
+            f"With each subset at its own validation-chosen λ_S the best subset is {verdict} "
+            f"(global λ: {own['top_global']}; Kendall τ of the two rankings {own['kendall_tau']:+.2f})."
+        )
+    return lines
 
 
 def _setup_lines(f: dict) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import aggregate, figures, findings, mlflow_io, optuna_views, page
+from analysis import aggregate, attribution, figures, findings, mlflow_io, optuna_views, page
 from analysis.aggregate import DELTA, DELTA_ACCURACY, DELTA_HIGH, DELTA_LOW, TEST
 from analysis.collect import ReportError, SweepData, load_folder
 from distlap import names
@@ -137,7 +137,14 @@ def _mlflow_run(data: SweepData, log) -> str | None:
 def _figures(data: SweepData, summary: pd.DataFrame, ranked: pd.DataFrame, found: dict, out: Path) -> dict:
     ref = found["reference_config"]
     title = f"{ref[CONFIG]} ({ref[N_SEEDS]} seed{'s' * (ref[N_SEEDS] > 1)})"
+    results = [data.results[t] for t in ref[names.TRIAL_IDS] if t in data.results]
     images = {
+        "shapley": attribution.shapley_figure(
+            attribution.shapley_table(results), f"Shapley values of the blocks, {title}", out / "shapley.png"
+        ),
+        "best_k": attribution.best_k_figure(
+            attribution.best_k_table(results), f"Best k blocks (greedy), {title}", out / "best_k.png"
+        ),
         "delta_ece_ranked": figures.delta_ece_ranked(
             ranked, f"Δ_ECE by layer subset, {title}", out / "delta_ece_ranked.png"
         ),
@@ -158,6 +165,11 @@ def _figures(data: SweepData, summary: pd.DataFrame, ranked: pd.DataFrame, found
 def _captioned(images: dict, found: dict) -> list[tuple[str, Path | str, str]]:
     ref, ci = found["reference_config"][CONFIG], (found["best_single_layer"] or {}).get(CI_METHOD, "")
     captions = {
+        "shapley": f"Shapley value of each block for Δ_ECE and Δ_NLL (test, improvement over the MAP) "
+        f"in {ref}: its average contribution over all 2^L coalitions of blocks treated as Bayesian; "
+        "they sum to the value of all blocks. Whiskers: 95% interval (bootstrap over test examples for "
+        "one seed, t over seeds).",
+        "best_k": "Improvement over the MAP of the greedy best k blocks, against k (labels: the blocks).",
         "delta_ece_ranked": f"Δ_ECE of every layer subset in {ref}, largest first; whiskers: 95% CI ({ci}). "
         "Above 0: the restricted posterior is better calibrated than the MAP.",
         "delta_ece_sequential": "Δ_ECE of each single block against its depth, one line per searched setting "

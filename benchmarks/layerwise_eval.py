@@ -1,19 +1,20 @@
-"""Layer-wise evaluation: distlap's engine (A) against the naive per-subset refit (B), side by side.
+"""Layer-wise evaluation: distlap's engine against the naive loop a laplace-torch user writes, one run.
 
-A: one laplace-torch fit, every subset's restricted posterior from shared samples, ``nn`` predictive
-   running only the blocks from the subset's first block on.
-B: for each subset, a fresh ``Laplace`` with only that subset trainable, ``fit``, then
-   ``la(x, pred_type="nn", link_approx="mc", n_samples=K)`` over the test set.
+glm  A: one Laplace fit, one Jacobian pass over the test set (:func:`distlap.bayes.glm.glm_pass`), the
+        probit predictive of each of the 10 standard subsets.
+     B: per subset a fresh ``Laplace`` with only that subset trainable, ``fit``, then
+        ``la(x, pred_type="glm", link_approx="probit")`` over the test set.
+     A+: A for all 2^L coalitions and the exact Shapley values of Δ_ECE and Δ_NLL (bootstrap off).
+nn   A: one fit, K samples shared by every subset, only the blocks from the subset's first on re-run.
+     B: per subset a fresh fit and ``la(x, pred_type="nn", link_approx="mc", n_samples=K)``.
 
-Both use the same fine-tuned model, fit examples, test examples and K. A uses ``--backend`` (default
-``exact``, the engine's own exact GGN diagonal); B is measured once per ``--naive-backend``: by default
-with laplace-torch's default backend (``curvlinops``, also exact: the naive user's setup) and with the
-engine's ``exact`` (the same curvature code on both sides). The ECEs cannot be identical
-(the two draw different random numbers), so the script also runs A with a second seed and prints the
-Monte-Carlo spread of ECE between seeds beside the largest |ECE_A - ECE_B|.
+Both sides use the same fine-tuned model (the layer-wise sweep's default trial), the same fit and test
+examples, prior and the SAME curvature backend (``--backend``, default distlap's exact GGN diagonal),
+so a ratio measures the design, not the backend. glm probabilities must agree to 1e-5 (printed).
+Memory: the peak resident set during each side (CPU) or peak allocated CUDA memory.
 
-    python benchmarks/layerwise_eval.py                      # tiny ViT, Fashion-MNIST (CPU default)
-    python benchmarks/layerwise_eval.py --vit-b16 --n-test 2000 --device cuda   # ViT-B/16, 100 classes
+    python benchmarks/layerwise_eval.py                    # the sweep default, CPU
+    python benchmarks/layerwise_eval.py --n-test 4000      # the engine's memory does not grow with N
 """
 
 from __future__ import annotations
@@ -21,16 +22,25 @@ from __future__ import annotations
 import argparse
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import torch
 
-from distlap import metrics
+from distlap.bayes import attribution, glm
 from distlap.bayes.layers import block_index, layer_subsets, num_blocks
-from distlap.bayes.posterior import BACKENDS, backend_class, build_posterior, posterior_parameters
+from distlap.bayes.posterior import (
+    BACKENDS,
+    backend_class,
+    build_posterior,
+    fit_laplace,
+    posterior_parameters,
+)
 from distlap.bayes.predictive import ViTSuffix, nn_predictive
-from distlap.config import LaplaceConfig, PeftConfig, load_config
 from distlap.provenance import write_benchmark
+from distlap.sweep.settings import load_sweep_config
+
+DEFAULT = Path(__file__).resolve().parents[1] / "sweeps" / "configs" / "default.yaml"
 
 
 class PeakMemory:
@@ -43,8 +53,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         else:
-            proc = psutil.Process()
-            self._thread = threading.Thread(target=self._poll, args=(proc,), daemon=True)
+            self._thread = threading.Thread(target=self._poll, args=(psutil.Process(),), daemon=True)
             self._thread.start()
         self.start = time.perf_counter()
         return self
@@ -52,7 +61,7 @@ class PeakMemory:
     def _poll(self, proc):
         while not self._stop.is_set():
             self.peak = max(self.peak, proc.memory_info().rss)
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
@@ -65,172 +74,142 @@ class PeakMemory:
         self.gib = self.peak / 2**30
 
 
-def tiny_setup(args):
-    """Fine-tune the embedded default (capped) once; both sides use this model and data."""
+def setup(args):
+    """The sweep default's trial at the searched settings given here, fine-tuned once for both sides."""
     from distlap.finetune.run import fine_tune
 
-    cfg = load_config(
-        overrides=[
-            f"data.max_train={args.n_train}",
-            f"data.max_test={args.n_test}",
-            "train.epochs=2",
-            f"train.prior_precision={args.prior_precision}",
-        ]
+    sweep = load_sweep_config(DEFAULT)
+    overrides = {"data": {"max_test": args.n_test}, "train": {"prior_precision": args.prior_precision}}
+    cfg = sweep.trial.model_copy(
+        update={
+            "data": sweep.trial.data.model_copy(update=overrides["data"]),
+            "train": sweep.trial.train.model_copy(update=overrides["train"]),
+        }
     )
     ft = fine_tune(cfg, log=lambda m: None)
-    test = ft.loader("test", batch_size=args.batch_size)
-    fit = ft.loader("train", batch_size=32, max_examples=args.fit_examples)
-    return ft.model, fit, test, ft.device, len(ft.splits.train)
+    la_cfg = cfg.laplace.model_copy(update={"backend": args.backend, "n_samples": args.samples})
+    fit = ft.loader("train", batch_size=la_cfg.batch_size, max_examples=la_cfg.fit_examples)
+    return ft, la_cfg, fit, ft.loader("test", batch_size=la_cfg.eval_batch_size)
 
 
-def vit_b16_setup(args):
-    """ViT-B/16 at 224x224, 100 classes, random weights and data: the seed's GPU-scale shapes."""
-    from torch.utils.data import DataLoader, TensorDataset
-    from transformers import ViTConfig, ViTForImageClassification
-
-    from distlap.finetune.adapters import apply_peft
-    from distlap.finetune.train import LogitsModel
-
-    torch.manual_seed(0)
-    model = LogitsModel(
-        apply_peft(
-            ViTForImageClassification(ViTConfig(num_labels=100)), PeftConfig(method="lora", rank=16, alpha=16)
+def engine_glm(ft, la_cfg, fit, test, lam, every=False):
+    names = posterior_parameters(ft.model, "lora", True)
+    la = fit_laplace(ft.model, names, fit, la_cfg, lam, len(ft.splits.train), ft.prior.means)
+    blocks = glm.param_blocks(ft.model, la)
+    table = glm.glm_pass(ft.model, la, blocks, test, ft.device)
+    subsets = layer_subsets(num_blocks(ft.model))
+    probs = {s: glm.probit_probs(table.logits, table.variances, b) for s, b in subsets.items()}
+    if every:
+        attribution.attribution(
+            table.logits, table.variances, table.labels, n_bins=15, n_bootstrap=0, n_permutations=2, seed=0
         )
-    )
-    with torch.no_grad():  # LoRA B = 0 at init would make every Jacobian of A vanish
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    device = torch.device(args.device)
-
-    def data(n):
-        return TensorDataset(torch.randn(n, 3, 224, 224), torch.randint(0, 100, (n,)))
-
-    test = DataLoader(data(args.n_test), batch_size=args.batch_size)
-    return model.to(device), DataLoader(data(args.fit_examples), batch_size=16), test, device, 50_000
+    return probs
 
 
-def engine(model, fit_loader, test, device, la_cfg, subsets, seed, n_train, lam):
-    post = build_posterior(model, "lora", fit_loader, la_cfg, prior_precision=lam, seed=seed, n_train=n_train)
-    runner = ViTSuffix.try_build(model, next(iter(test))[0][:2].to(device))
-    eces = {}
-    for name, blocks in subsets.items():
-        probs, labels = nn_predictive(model, post, blocks, test, device, runner)
-        eces[name] = metrics.expected_calibration_error(probs, labels)
-    return eces
-
-
-def naive(model, fit_loader, test, device, la_cfg, subsets, seed, n_train, lam):
-    """What a user without the engine writes: per subset, freeze all but S, fit, predict."""
+def naive(ft, la_cfg, fit, test, lam, pred_type):
+    """Per subset: only its parameters trainable, a fresh Laplace, fit, predict (the user's loop)."""
     import laplace
 
-    names = set(posterior_parameters(model, "lora", True))
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    eces = {}
-    torch.manual_seed(seed)  # la(x, pred_type="nn") draws from the global generator
-    for name, blocks in subsets.items():
-        for n, p in model.named_parameters():
-            p.requires_grad_(n in names and block_index(n) in blocks)
+    names = set(posterior_parameters(ft.model, "lora", True))
+    saved = {n: p.requires_grad for n, p in ft.model.named_parameters()}
+    probs = {}
+    torch.manual_seed(0)  # la(x, pred_type="nn") draws from the global generator
+    for name, blocks in layer_subsets(num_blocks(ft.model)).items():
+        chosen = [n for n, p in ft.model.named_parameters() if n in names and block_index(n) in blocks]
+        for n, p in ft.model.named_parameters():
+            p.requires_grad_(n in chosen)
+        mean = torch.cat([ft.prior.means[n].reshape(-1) for n in chosen])
         la = laplace.Laplace(
-            model,
+            ft.model,
             "classification",
             subset_of_weights="all",
-            hessian_structure=la_cfg.hessian_structure,
+            hessian_structure="diag",
             prior_precision=lam,
-            temperature=len(fit_loader.dataset) / n_train,
-            backend=backend_class(la_cfg.backend),
+            prior_mean=mean,
+            backend=backend_class(la_cfg.curvature),
+            temperature=len(fit.dataset) / len(ft.splits.train),
         )
-        la.fit(fit_loader)
-        probs, labels = [], []
-        for x, y in test:
-            probs.append(
-                la(x.to(device), pred_type="nn", link_approx="mc", n_samples=la_cfg.n_samples).float().cpu()
-            )
-            labels.append(y)
-        eces[name] = metrics.expected_calibration_error(torch.cat(probs), torch.cat(labels))
-    for n, p in model.named_parameters():
+        la.fit(fit, progress_bar=False)
+        kw = (
+            {"link_approx": "probit"}
+            if pred_type == "glm"
+            else {"link_approx": "mc", "n_samples": la_cfg.n_samples}
+        )
+        probs[name] = torch.cat([la(x, pred_type=pred_type, **kw).float().cpu() for x, _ in test])
+    for n, p in ft.model.named_parameters():
         p.requires_grad_(saved[n])
-    return eces
+    return probs
+
+
+def engine_nn(ft, la_cfg, fit, test, lam):
+    post = build_posterior(
+        ft.model,
+        "lora",
+        fit,
+        la_cfg,
+        prior_precision=lam,
+        seed=0,
+        n_train=len(ft.splits.train),
+        prior_mean=ft.prior.means,
+    )
+    runner = ViTSuffix.try_build(ft.model, next(iter(test))[0][:2])
+    return {
+        s: nn_predictive(ft.model, post, b, test, ft.device, runner)[0]
+        for s, b in layer_subsets(num_blocks(ft.model)).items()
+    }
+
+
+def measure(fn, device, *args, **kw):
+    with PeakMemory(device) as m:
+        out = fn(*args, **kw)
+    return out, m
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vit-b16", action="store_true", help="ViT-B/16-sized random backbone, 100 classes")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--samples", type=int, default=30, help="posterior samples K (both sides)")
-    parser.add_argument("--n-train", type=int, default=3000, help="tiny: fine-tuning examples")
     parser.add_argument("--n-test", type=int, default=1000)
-    parser.add_argument("--fit-examples", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--samples", type=int, default=30, help="posterior samples K of the nn comparison")
     parser.add_argument("--prior-precision", type=float, default=100.0)
-    parser.add_argument("--structure", choices=["diag", "kron"], default="diag")
-    parser.add_argument("--backend", choices=list(BACKENDS), default="exact", help="A's curvature backend")
-    parser.add_argument(
-        "--naive-backend",
-        choices=list(BACKENDS),
-        nargs="+",
-        default=["curvlinops", "exact"],
-        help="B's curvature backends, each measured (curvlinops = laplace-torch's default)",
-    )
+    parser.add_argument("--backend", choices=list(BACKENDS), default="exact", help="both sides' curvature")
     args = parser.parse_args()
     torch.set_num_threads(len(psutil.Process().cpu_affinity()))
-
-    model, fit_loader, test, device, n_train = (vit_b16_setup if args.vit_b16 else tiny_setup)(args)
-    subsets = layer_subsets(num_blocks(model))
+    ft, la_cfg, fit, test = setup(args)
+    lam, dev = args.prior_precision, ft.device
     print(
-        f"model: {'ViT-B/16 (random), 100 classes' if args.vit_b16 else 'vit-tiny-fmnist, 5 classes'}; "
-        f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} tuned params; device {device}; "
-        f"{len(subsets)} subsets; K={args.samples}; fit {len(fit_loader.dataset)} / test "
-        f"{len(test.dataset)} examples; {args.structure}; lambda={args.prior_precision:g}; "
-        f"{torch.get_num_threads()} threads"
+        f"model: {ft.cfg.backbone.name}, {ft.tuned.trainable:,} tuned params, {num_blocks(ft.model)} blocks; "
+        f"fit {len(fit.dataset)} / test {len(test.dataset)} examples; diag {la_cfg.curvature}; λ={lam:g}; "
+        f"K={args.samples}; {torch.get_num_threads()} threads; device {dev}"
     )
-    lam = args.prior_precision
-
-    def cfg(backend: str) -> LaplaceConfig:
-        return LaplaceConfig(
-            hessian_structure=args.structure,
-            backend=backend,
-            n_samples=args.samples,
-            fit_examples=args.fit_examples,
-            batch_size=16 if args.vit_b16 else 32,
-        )
-
-    with PeakMemory(device) as a:
-        ece_a = engine(model, fit_loader, test, device, cfg(args.backend), subsets, 0, n_train, lam)
-    b, ece_b = {}, {}
-    for backend in args.naive_backend:
-        with PeakMemory(device) as b[backend]:
-            ece_b[backend] = naive(model, fit_loader, test, device, cfg(backend), subsets, 0, n_train, lam)
-    ece_a2 = engine(model, fit_loader, test, device, cfg(args.backend), subsets, 1, n_train, lam)
-
-    print(
-        f"{'subset':>9}  {'ECE A':>8}  "
-        + "  ".join(f"{'ECE B ' + n:>16}" for n in b)
-        + f"  {'ECE A seed 1':>12}"
-    )
-    for k in subsets:
-        print(
-            f"{k:>9}  {ece_a[k]:8.4f}  "
-            + "  ".join(f"{ece_b[n][k]:16.4f}" for n in b)
-            + f"  {ece_a2[k]:12.4f}"
-        )
-    print(f"A (distlap engine, {args.backend + ')':11} {a.seconds:8.1f} s   peak memory {a.gib:.2f} GiB")
-    for name, run in b.items():
-        diff = max(abs(ece_a[k] - ece_b[name][k]) for k in subsets)
-        print(
-            f"B (naive refit, {name + ')':14} {run.seconds:8.1f} s   peak memory {run.gib:.2f} GiB   "
-            f"B/A = {run.seconds / a.seconds:.2f}x   max |ECE_A - ECE_B| = {diff:.4f}"
-        )
-    spread = max(abs(ece_a[k] - ece_a2[k]) for k in subsets)
-    print(f"Monte-Carlo spread of ECE (A, seed 0 vs seed 1, max over subsets): {spread:.4f}")
-    figures = {
-        "a_seconds": a.seconds,
-        "a_peak_gib": a.gib,
-        "mc_spread_ece": spread,
-        **{f"b_{n}_seconds": r.seconds for n, r in b.items()},
-        **{f"b_{n}_peak_gib": r.gib for n, r in b.items()},
-        **{f"ratio_b_{n}_over_a": r.seconds / a.seconds for n, r in b.items()},
+    a, ma = measure(engine_glm, dev, ft, la_cfg, fit, test, lam)
+    _, mall = measure(engine_glm, dev, ft, la_cfg, fit, test, lam, every=True)
+    b, mb = measure(naive, dev, ft, la_cfg, fit, test, lam, "glm")
+    diff = max((a[s] - b[s]).abs().max().item() for s in a)
+    an, man = measure(engine_nn, dev, ft, la_cfg, fit, test, lam)
+    bn, mbn = measure(naive, dev, ft, la_cfg, fit, test, lam, "nn")
+    lines = {
+        "glm": (
+            mb.seconds / ma.seconds,
+            ma,
+            mb,
+            f"max |p_A - p_B| = {diff:.1e} (target <= 1e-5), target >= 20x",
+        ),
+        "glm_all": (
+            mall.seconds / ma.seconds,
+            mall,
+            ma,
+            "all coalitions + Shapley vs the 10 subsets (target <= 2x)",
+        ),
+        "nn": (mbn.seconds / man.seconds, man, mbn, "no target (both sides run K forward passes per subset)"),
     }
+    for name, (ratio, x, y, note) in lines.items():
+        print(
+            f"{name:8} {ratio:5.1f}x   A {x.seconds:7.1f} s {x.gib:5.2f} GiB   B {y.seconds:7.1f} s "
+            f"{y.gib:5.2f} GiB   {note}"
+        )
+    figures = {
+        n: {"ratio": r, "a_s": x.seconds, "a_peak_gib": x.gib, "b_s": y.seconds, "b_peak_gib": y.gib}
+        for n, (r, x, y, _) in lines.items()
+    } | {"glm_max_abs_prob_diff": diff}
     print(f"written: {write_benchmark('layerwise_eval', vars(args), figures)}")
 
 

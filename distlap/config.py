@@ -87,8 +87,9 @@ class TrainConfig(_Strict):
     prior_precision: float = Field(
         1.0,
         gt=0,
-        description="Isotropic Gaussian prior precision lambda on the tuned parameters; "
-        "the MAP objective uses weight decay lambda / N.",
+        description="Gaussian prior precision lambda on the tuned parameters (mean theta0: 0 for LoRA "
+        "factors and the head, the pretrained value for LayerNorms); the MAP objective is mean NLL + "
+        "lambda / (2N) ||theta - theta0||^2, coupled (inside the gradient).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto = CUDA with bf16 autocast when present, else CPU fp32."
@@ -97,6 +98,17 @@ class TrainConfig(_Strict):
         None, gt=0, description="torch intra-op threads; None = the CPUs this process may use."
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; None = off.")
+    converge: bool = Field(
+        True,
+        description="After the epochs, full-batch L-BFGS on the negative log joint until theta* is "
+        "stationary (the Laplace approximation needs a mode); False stops after the epochs.",
+    )
+    stationarity_tol: float = Field(
+        1e-2, gt=0, description="Stop L-BFGS once ||grad log joint|| <= tol * ||grad NLL|| at theta*."
+    )
+    max_lbfgs_steps: int = Field(
+        500, ge=0, description="Cap on L-BFGS iterations (each about one full pass over the training split)."
+    )
 
 
 class LaplaceConfig(_Strict):
@@ -107,12 +119,12 @@ class LaplaceConfig(_Strict):
     )
     backend: Literal["auto", "exact", "curvlinops", "asdl", "backpack"] = Field(
         "auto",
-        description="GGN curvature backend. auto: exact for diag, curvlinops for kron. exact: "
-        "distlap's exact GGN diagonal (distlap/curvature.py; Linear and LayerNorm parameters), as fast as "
-        "asdl. curvlinops: laplace-torch's exact path, 5-10x slower on CPU. asdl: its diag treats a ViT's "
-        "tokens as independent examples (off by up to ~50% per parameter on a tiny ViT) and it cannot "
-        "fit hybrid's LayerNorm copies. backpack refuses frozen parameters. Every diag backend but asdl "
-        "equals a naive per-example Jacobian reference (tests/test_curvature.py).",
+        description="GGN curvature backend. auto: exact for diag, curvlinops for kron. exact: distlap's "
+        "exact GGN diagonal (distlap/bayes/curvature.py; Linear and LayerNorm parameters), as fast as "
+        "asdl. curvlinops: laplace-torch's exact path, 5-10x slower on CPU. asdl: its diag treats a "
+        "ViT's tokens as independent examples (off by up to ~50% per parameter on a tiny ViT) and it "
+        "cannot fit hybrid's LayerNorm copies. backpack refuses frozen parameters. Every diag backend "
+        "but asdl equals a naive per-example Jacobian reference (tests/bayes/test_curvature.py).",
     )
     fit_examples: int | None = Field(
         1000, gt=0, description="Seeded subset of the training split the Hessian is fitted on; None = all."
@@ -120,22 +132,32 @@ class LaplaceConfig(_Strict):
     batch_size: int = Field(32, gt=0, description="Batch size of the fit and of Jacobian passes.")
     prior_method: Literal["fixed", "marglik", "gridsearch"] = Field(
         "fixed",
-        description="fixed: lambda = train.prior_precision (the MAP's prior); marglik: "
-        "laplace-torch maximises the marginal likelihood; gridsearch: best validation NLL of the "
-        "'all' posterior over a log grid.",
+        description="The global lambda: fixed = train.prior_precision (the MAP's own prior); marglik: the "
+        "exact maximiser of the Laplace evidence of the 'all' posterior; gridsearch: best validation NLL "
+        "of the 'all' posterior over a log grid (10^-2..10^4). Each subset also gets its own lambda_S "
+        "(glm: validation grid and marglik), recorded beside.",
     )
     include_norms: bool = Field(
         True,
         description="Put tuned LayerNorm parameters (norm / hybrid) into the posterior "
         "(diag only); False keeps them at the MAP.",
     )
-    predictive: Literal["nn", "glm"] = Field(
-        "nn", description="nn: Monte-Carlo model averaging; glm: linearised predictive."
+    predictive: Literal["glm", "nn"] = Field(
+        "glm",
+        description="glm: the linearised predictive with the probit link (Laplace Redux's default; "
+        "deterministic; one Jacobian pass serves every subset, every coalition and the Shapley values). "
+        "nn: Monte-Carlo model averaging over n_samples posterior draws; meaningful only where the "
+        "posterior is narrow enough that the sampled LoRA updates stay small beside the weights.",
     )
-    link_approx: Literal["mc", "probit"] = Field(
-        "probit", description="glm only (ignored by nn): how logits go through the softmax."
+    n_samples: int = Field(30, gt=0, description="Posterior samples of the nn predictive.")
+    shapley_bootstrap: int = Field(
+        200,
+        ge=0,
+        description="glm: bootstrap resamples of the test set for the Shapley intervals (0 = none).",
     )
-    n_samples: int = Field(30, gt=0, description="Posterior samples (nn, and glm with link_approx=mc).")
+    shapley_permutations: int = Field(
+        1000, ge=2, description="glm, more than 16 blocks: permutations of sampled Shapley values."
+    )
     subsets: dict[str, list[int]] = Field(
         default_factory=dict,
         description="Extra named subsets of block indices, evaluated beside "
@@ -143,6 +165,14 @@ class LaplaceConfig(_Strict):
     )
     n_bootstrap: int = Field(1000, gt=0, description="Paired bootstrap resamples for the Delta-ECE CI.")
     eval_batch_size: int = Field(256, gt=0)
+
+    @field_validator("subsets")
+    @classmethod
+    def _named_blocks(cls, v: dict[str, list[int]]) -> dict[str, list[int]]:
+        for name, blocks in v.items():
+            if not blocks or min(blocks) < 0 or len(set(blocks)) != len(blocks):
+                raise ValueError(f"subset {name!r} = {blocks}: name one or more distinct block indices >= 0")
+        return v
 
     @model_validator(mode="after")
     def _exact_is_diagonal(self) -> LaplaceConfig:
@@ -161,6 +191,53 @@ class LaplaceConfig(_Strict):
         return "exact" if self.hessian_structure == "diag" else "curvlinops"
 
 
+CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast", "rotation", "pixelate")
+
+
+class ShiftConfig(_Strict):
+    """Calibration under distribution shift: seeded corruptions of the test set (CIFAR-10-C's recipe)."""
+
+    corruptions: list[Literal[CORRUPTIONS]] = Field(  # type: ignore[valid-type]
+        list(CORRUPTIONS), description="distlap.finetune.shift corruptions of the test images; [] = no shift."
+    )
+    severities: list[int] = Field([1, 3, 5], description="Severities 1..5 (Hendrycks & Dietterich 2019).")
+    max_examples: int | None = Field(
+        500,
+        gt=0,
+        description="Test examples corrupted per (corruption, severity); None = the whole test set.",
+    )
+    cifar10c_path: str | None = Field(
+        None, description="cifar10: a CIFAR-10-C folder (<corruption>.npy, labels.npy) to use instead."
+    )
+
+    @field_validator("severities")
+    @classmethod
+    def _severities(cls, v: list[int]) -> list[int]:
+        if not v or any(not 1 <= s <= 5 for s in v) or len(set(v)) != len(v):
+            raise ValueError(f"need distinct severities in 1..5, got {v}")
+        return v
+
+
+class OODConfig(_Strict):
+    """Out-of-distribution inputs, told apart from the test set by max-probability and entropy (AUROC)."""
+
+    near: bool | None = Field(
+        None,
+        description="Near-OOD: test images of the data set's classes the head never saw; None = on when "
+        "data.classes is a subset or near_classes is given.",
+    )
+    near_classes: list[int] | None = Field(
+        None, description="Those classes; None = every class outside data.classes (must not overlap them)."
+    )
+    far: Literal["digits", "svhn", "none"] = Field(
+        "digits",
+        description="Far-OOD: scikit-learn's bundled 8x8 digits (resized; no download), SVHN's "
+        "test set (svhn_path), or none.",
+    )
+    svhn_path: str | None = Field(None, description="far=svhn: test_32x32.mat or its folder.")
+    max_examples: int = Field(500, gt=0, description="OOD examples per set (seeded subsample).")
+
+
 class TrialConfig(_Strict):
     """One fine-tuning trial. With no settings at all: the embedded default (tiny ViT, Fashion-MNIST)."""
 
@@ -172,6 +249,35 @@ class TrialConfig(_Strict):
     peft: PeftConfig = PeftConfig()
     train: TrainConfig = TrainConfig()
     laplace: LaplaceConfig = LaplaceConfig()
+    baselines: bool = Field(
+        True,
+        description="Layer-wise study: also temperature scaling and last-layer Laplace on the same model.",
+    )
+    shift: ShiftConfig = ShiftConfig()
+    ood: OODConfig = OODConfig()
+
+    @model_validator(mode="after")
+    def _ood_is_outside_the_task(self) -> TrialConfig:
+        near, task = self.ood.near_classes, self.data.classes
+        if near is not None and task is not None and set(near) & set(task):
+            raise ValueError(
+                f"ood.near_classes {near} overlap data.classes {task} in {sorted(set(near) & set(task))}: "
+                "near-OOD classes must be ones the fine-tuned head never saw"
+            )
+        if task is None and (self.ood.near is True or near is not None):
+            raise ValueError(
+                "near-OOD (ood.near / ood.near_classes) needs data.classes (a subset): with every "
+                "class fine-tuned none is left out; set ood.near=false"
+            )
+        if self.ood.far == "svhn" and not self.ood.svhn_path:
+            raise ValueError("ood.far=svhn needs ood.svhn_path (test_32x32.mat or its folder)")
+        for field, path in (
+            ("shift.cifar10c_path", self.shift.cifar10c_path),
+            ("ood.svhn_path", self.ood.svhn_path),
+        ):
+            if path is not None and not Path(path).exists():
+                raise ValueError(f"{field}={path!r} does not exist; download the set and pass its path")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -49,8 +49,27 @@ SCORES: dict[str, Name] = {
         Name("brier", "Brier score", better="lower"),
     )
 }
-PREDICTIVES = {"map": "MAP", "bayes": "Laplace, all blocks", "subset": "Laplace, subset"}
-SPLITS = {"val": "validation", "test": "test"}
+PREDICTIVES = {
+    "map": "MAP",
+    "bayes": "Laplace, all blocks",
+    "subset": "Laplace, subset",
+    "subset_tuned": "Laplace, subset, its own validation-chosen λ",
+    "temp": "temperature scaling",
+    "lla": "last-layer Laplace",
+}
+SPLITS = {
+    "val": "validation",
+    "test": "test",
+    "shift": "corrupted test (mean over corruptions and severities)",
+}
+OOD_SETS = {"near_ood": "near-OOD (classes the head never saw)", "far_ood": "far-OOD (another data set)"}
+OOD_SCORES: dict[str, Name] = {
+    n.key: n
+    for n in (
+        Name("auroc_maxprob", "AUROC of max-probability, in- vs out-of-distribution", better="higher"),
+        Name("auroc_entropy", "AUROC of predictive entropy, in- vs out-of-distribution", better="higher"),
+    )
+}
 DELTA = "delta_"
 LOW, HIGH = "_low", "_high"
 
@@ -75,6 +94,18 @@ def scores(predictive: str, split: str) -> dict[str, str]:
 def delta(predictive: str, split: str, name: str = "ece") -> str:
     """``delta("subset", "test") == "subset/test/delta_ece"``: the improvement over the MAP."""
     return score(predictive, split, name).rpartition("/")[0] + f"/{DELTA}{name}"
+
+
+def ood(predictive: str, which: str, name: str) -> str:
+    """``ood("map", "near_ood", "auroc_entropy") == "map/near_ood/auroc_entropy"``."""
+    for value, allowed, what in (
+        (predictive, PREDICTIVES, "predictive"),
+        (which, OOD_SETS, "OOD set"),
+        (name, OOD_SCORES, "OOD score"),
+    ):
+        if value not in allowed:
+            raise KeyError(f"{value!r} is not a {what} of distlap.names ({', '.join(allowed)})")
+    return f"{predictive}/{which}/{name}"
 
 
 def interval(key: str) -> tuple[str, str]:
@@ -108,7 +139,6 @@ PRIOR_METHOD = "laplace/prior_method"
 HESSIAN = "laplace/hessian_structure"
 BACKEND = "laplace/backend"
 PREDICTIVE = "laplace/predictive"
-LINK = "laplace/link_approx"
 N_SAMPLES = "laplace/n_samples"
 N_PARAMS = "laplace/n_params"
 N_BLOCKS = "laplace/n_blocks"
@@ -116,6 +146,16 @@ FIT_EXAMPLES = "laplace/fit_examples"
 FIT_TIME = "laplace/fit_s"
 EVAL_TIME = "laplace/eval_s"
 SUBSET_TIME = "subset/eval_s"
+SUBSET_LAMBDA_VAL = "subset/lambda_val"  # λ_S: the validation NLL's choice over the grid (glm)
+SUBSET_LAMBDA_MARGLIK = "subset/lambda_marglik"  # λ_S maximising the restricted posterior's evidence
+TEMPERATURE = "temp/temperature"  # T of temperature scaling, fitted on validation NLL
+LLA_PRIOR = "lla/prior_precision"  # last-layer Laplace's λ (marglik)
+BASELINE_TIME = "baselines/fit_s"  # fitting the temperature and the last-layer Laplace
+SHIFT_TIME = "shift/eval_s"  # evaluating every predictive under shift and on OOD inputs
+STATIONARITY = "stationarity"  # ‖∇ log joint‖ / ‖∇ NLL‖ at θ*, full training split
+LBFGS_STEPS = "lbfgs_steps"
+SHAPLEY = "shapley/delta_"  # + score: a block's Shapley value (MLflow: step = block index)
+BEST_K = "best_k/delta_"  # + score: the value of the greedy best k blocks (MLflow: step = k)
 BEST_SUBSET = "best_subset"
 ACCURACY_PER_PCT = "accuracy_per_tuned_pct"  # test accuracy of the MAP (in %) per Tuned Params %
 OBJECTIVE = "objective"
@@ -140,7 +180,6 @@ _SCALARS: dict[str, Name] = {
         Name(HESSIAN, "posterior precision structure"),
         Name(BACKEND, "GGN curvature backend"),
         Name(PREDICTIVE, "predictive (glm, nn)"),
-        Name(LINK, "link approximation of the glm predictive"),
         Name(N_SAMPLES, "posterior samples"),
         Name(N_PARAMS, "parameters in the posterior"),
         Name(N_BLOCKS, "transformer blocks"),
@@ -148,6 +187,22 @@ _SCALARS: dict[str, Name] = {
         Name(FIT_TIME, "Laplace fit time", "s", "lower"),
         Name(EVAL_TIME, "time to evaluate every subset", "s", "lower"),
         Name(SUBSET_TIME, "time to evaluate the subset", "s", "lower"),
+        Name(SUBSET_LAMBDA_VAL, "λ_S chosen on validation NLL"),
+        Name(SUBSET_LAMBDA_MARGLIK, "λ_S maximising the marginal likelihood"),
+        Name(TEMPERATURE, "temperature T (validation NLL)"),
+        Name(LLA_PRIOR, "prior precision of last-layer Laplace (marglik)"),
+        Name(BASELINE_TIME, "time to fit the baselines", "s", "lower"),
+        Name(SHIFT_TIME, "time to evaluate shift and OOD", "s", "lower"),
+        Name(STATIONARITY, "‖∇ log joint‖ / ‖∇ NLL‖ at the MAP", better="lower"),
+        Name(LBFGS_STEPS, "L-BFGS iterations to the MAP"),
+        *(
+            Name(SHAPLEY + s, f"Shapley value of a block for Δ{SCORES[s].label}", better="higher")
+            for s in ("ece", "nll")
+        ),
+        *(
+            Name(BEST_K + s, f"Δ{SCORES[s].label} of the greedy best k blocks", better="higher")
+            for s in ("ece", "nll")
+        ),
         Name(BEST_SUBSET, "subset with the largest test Δ_ECE"),
         Name(ACCURACY_PER_PCT, "Acc@1 points per Tuned Params %", better="higher"),
         Name(OBJECTIVE, "search objective (validation)"),
@@ -244,6 +299,9 @@ def _composite(key: str) -> Name:
             SCORES[parts[2]].unit,
             SCORES[parts[2]].better,
         )
+    if len(parts) == 3 and parts[0] in PREDICTIVES and parts[1] in OOD_SETS and parts[2] in OOD_SCORES:
+        base = OOD_SCORES[parts[2]]
+        return Name(key, f"{base.label} ({OOD_SETS[parts[1]]}, {PREDICTIVES[parts[0]]})", better="higher")
     if len(parts) != 3 or parts[0] not in PREDICTIVES or parts[1] not in SPLITS:
         raise KeyError(f"{key!r} is not a key of distlap.names")
     predictive, split, name = parts

@@ -14,13 +14,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from distlap import names
+from distlap import names, protocol
 from distlap.bayes.evaluate import split_scores
+from distlap.bayes.layers import layer_subsets, num_blocks
 from distlap.bayes.layerwise import LaplaceData, NNEvaluator, Scoring, run_layerwise, write_results
 from distlap.config import ConfigError, TrialConfig, load_config, to_yaml
 from distlap.finetune.backbones import BackboneError
 from distlap.finetune.data import DataError
-from distlap.finetune.run import FineTuned, fine_tune
+from distlap.finetune.run import FineTuned, prepare, train
 from distlap.provenance import provenance
 from distlap.runtime import predict
 
@@ -36,11 +37,18 @@ def laplace_data(ft: FineTuned) -> LaplaceData:
         test=ft.loader("test", batch_size=la.eval_batch_size),
         n_train=len(ft.splits.train),
         device=ft.device,
+        prior_mean=ft.prior.means,
     )
 
 
 def layerwise(
-    ft: FineTuned, *, only: Sequence[str] | None = None, evaluate_nn: NNEvaluator | None = None, log=print
+    ft: FineTuned,
+    *,
+    only: Sequence[str] | None = None,
+    evaluate_nn: NNEvaluator | None = None,
+    fitted: dict | None = None,
+    on_fit=None,
+    log=print,
 ) -> dict:
     """The layer-wise study of ``ft`` with its config's Laplace settings (see :func:`run_layerwise`)."""
     cfg = ft.cfg
@@ -52,6 +60,8 @@ def layerwise(
         scoring=scoring,
         only=only,
         evaluate_nn=evaluate_nn,
+        fitted=fitted,
+        on_fit=on_fit,
         log=log,
     )
 
@@ -66,27 +76,37 @@ def map_metrics(ft: FineTuned) -> dict[str, float]:
 
 
 def costs(ft: FineTuned, wall_time_s: float) -> dict[str, float]:
+    """What the trial cost, and how close to a mode of the negative log joint its MAP is."""
     return {
         names.TUNED_PARAMS: ft.tuned.trainable,
         names.TUNED_PARAMS_PCT: ft.tuned.pct,
         names.TIME_PER_EPOCH: ft.train.time_per_epoch_s,
         names.WALL_TIME: wall_time_s,
+        names.STATIONARITY: ft.train.stationarity,
+        names.LBFGS_STEPS: ft.train.lbfgs_steps,
     }
 
 
 def laplace_metrics(result: dict) -> dict:
     """A layer-wise result's trial-level metrics: the MAP, the posterior with every block Bayesian
-    (``bayes/...``, the subset ``all``), the subset with the largest test Δ_ECE, λ and the timings."""
+    (``bayes/...``, the subset ``all``), the baselines (``temp/...``, ``lla/...``), the subset with the
+    largest test Δ_ECE, λ and the timings."""
     every = {
         key.replace("subset/", "bayes/", 1): v
         for key, v in result["subsets"]["all"]["metrics"].items()
-        if key != names.SUBSET_TIME
+        if key.startswith("subset/")
+        and key.count("/") == 2
+        and not key.startswith(("subset/eval", "subset/lambda"))
     }
+    baselines = {k: v for row in result.get("baselines", {}).values() for k, v in row["metrics"].items()}
+    fitted = {k: v for k, v in result.get("protocol", {}).items() if v is not None}
     delta = names.delta("subset", "test", "ece")
     best = max(result["subsets"], key=lambda name: result["subsets"][name]["metrics"][delta])
     return {
         **result["map"]["metrics"],
         **every,
+        **baselines,
+        **fitted,
         names.BEST_SUBSET: best,
         **{key: result[key] for key in (names.PRIOR_PRECISION, names.FIT_TIME, names.EVAL_TIME)},
     }
@@ -113,15 +133,24 @@ def write_trial(ft: FineTuned, trial_record: dict, out: Path) -> None:
         ft.peft_model.save_pretrained(out / "adapter")
 
 
+def check_subsets(ft: FineTuned) -> None:
+    """The user's ``laplace.subsets`` name blocks the backbone has: a ValueError before any training."""
+    layer_subsets(num_blocks(ft.model), ft.cfg.laplace.subsets)
+
+
 def run_trial(cfg: TrialConfig, *, with_layerwise: bool = False, log=print) -> dict:
     """Fine-tune and evaluate one config (and the layer-wise study); write the files if ``output_dir``."""
     start = time.perf_counter()
-    ft = fine_tune(cfg, log=log)
+    ft = prepare(cfg, log=log)
+    if with_layerwise:
+        check_subsets(ft)
+    ft = train(ft, log=log)
     metrics = {}
     if ft.train.status == "ok":
         metrics.update(map_metrics(ft))
         if with_layerwise:
-            result = layerwise(ft, log=log)
+            study = layerwise(ft, log=log)
+            result = protocol.evaluate(ft, study, log=log)
             metrics.update(laplace_metrics(result))
             if cfg.output_dir:
                 write_results(result, Path(cfg.output_dir))
@@ -150,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         trial_record = run_trial(
             cfg, with_layerwise=args.layerwise, log=lambda msg: print(msg, file=sys.stderr, flush=True)
         )
-    except (ConfigError, DataError, BackboneError) as err:
+    except (ConfigError, DataError, BackboneError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(

@@ -45,3 +45,35 @@ def offline_hub(monkeypatch):
     """No hub: transformers / datasets must fail at once with our message, never touch the network."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def fine_tuned(fake_fmnist_dir, tiny_vit_dir, tmp_path_factory):
+    """One LoRA fine-tuned tiny trial at its converged MAP (λ = 50), shared by the tests of what follows
+    fine-tuning: the layer-wise study, its predictives, the evaluation protocol."""
+    import torch
+
+    from distlap.config import load_config
+    from distlap.finetune.run import fine_tune
+
+    torch.set_num_threads(1)
+    cfg = load_config(
+        overrides=[
+            f"data.path={fake_fmnist_dir}",
+            f"backbone.name={tiny_vit_dir}",
+            "data.classes=[5,6,7,8,9]",
+            "train.epochs=2",
+            "train.batch_size=32",
+            "train.lr=5e-3",
+            "train.num_threads=1",
+            "train.prior_precision=50",
+            "laplace.fit_examples=64",
+            "laplace.n_samples=4",
+            "laplace.n_bootstrap=200",
+            "laplace.subsets={head_and_tail: [0, 3]}",
+            f"output_dir={tmp_path_factory.mktemp('fine-tuned')}",
+        ]
+    )
+    ft = fine_tune(cfg, log=lambda m: None)
+    assert ft.train.status == "ok"
+    return ft

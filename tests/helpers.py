@@ -69,3 +69,21 @@ def loader(n=48, seed=0):
         TensorDataset(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 3, (n,), generator=g)),
         batch_size=16,
     )
+
+
+def study_of(ft, laplace=None, **kw):
+    """The layer-wise :class:`~distlap.bayes.layerwise.Study` of a fine-tuned trial, quietly (its own
+    config's Laplace settings unless ``laplace`` is given)."""
+    from distlap.bayes.layerwise import Scoring, run_layerwise
+    from distlap.trial import laplace_data
+
+    la = laplace or ft.cfg.laplace
+    scoring = Scoring(ft.cfg.n_bins, la.n_bootstrap, ft.cfg.seed)
+    return run_layerwise(
+        laplace_data(ft),
+        la,
+        prior_precision=ft.cfg.train.prior_precision,
+        scoring=scoring,
+        log=lambda m: None,
+        **kw,
+    )

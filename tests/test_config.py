@@ -65,3 +65,31 @@ def test_file_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="key=value"):
         load_config(overrides=["peft.rank"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["ood.near_classes=[4,5]"], r"ood.near_classes \[4, 5\] overlap data.classes .* in \[5\]"),
+        (
+            ["backbone.name=some/hub-vit", "data.dataset=cifar10", "ood.near=true"],
+            r"near-OOD .* needs data.classes",
+        ),
+        (["ood.far=svhn"], r"ood.far=svhn needs ood.svhn_path"),
+        (
+            ["shift.cifar10c_path=/nowhere/CIFAR-10-C"],
+            r"shift.cifar10c_path='/nowhere/CIFAR-10-C' does not exist",
+        ),
+        (["shift.severities=[0,3]"], r"severities in 1..5"),
+    ],
+)
+def test_protocol_settings_fail_before_work(overrides, match):
+    """Bad shift / OOD settings are refused when the config loads, naming the field and the fix."""
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=overrides)
+
+
+def test_near_ood_is_on_for_a_class_subset_only():
+    assert load_config().ood.near is None  # auto: the default fine-tunes classes 5-9, near = 0-4
+    cifar = load_config(overrides=["backbone.name=some/hub-vit", "data.dataset=cifar10"])
+    assert cifar.data.classes is None and cifar.ood.near is None

@@ -21,6 +21,7 @@ def trial_cfg(fake_fmnist_dir, tiny_vit_dir, tmp_path, *extra):
             "train.epochs=2",
             "train.batch_size=32",
             "train.lr=5e-3",
+            "train.converge=false",  # the epochs only; test_the_map_is_stationary converges
             f"output_dir={tmp_path / 'out'}",
             *extra,
         ]
@@ -88,6 +89,9 @@ def test_layerwise_flag_adds_the_laplace_stage(fake_fmnist_dir, tiny_vit_dir, tm
         "laplace.fit_examples=50",
         "laplace.n_samples=3",
         "laplace.n_bootstrap=50",
+        "shift.severities=[5]",
+        "shift.max_examples=30",
+        "ood.max_examples=30",
         "--layerwise",
         "--output",
         str(out),
@@ -114,6 +118,16 @@ def test_layerwise_flag_adds_the_laplace_stage(fake_fmnist_dir, tiny_vit_dir, tm
     }
     assert printed[names.BEST_SUBSET] in result["subsets"]
     assert (out / "plots" / "reliability_all.png").is_file()
+    assert set(result["baselines"]) == {"temp", "lla"} and len(result["shift"]["map"]) == 5  # 5 corruptions
+    assert names.ood("temp", "far_ood", "auroc_entropy") in result["baselines"]["temp"]["metrics"]
+
+
+def test_an_unknown_subset_fails_before_training(fake_fmnist_dir, tiny_vit_dir, tmp_path, capsys):
+    argv = [f"data.path={fake_fmnist_dir}", f"backbone.name={tiny_vit_dir}", "data.classes=[5,6,7,8,9]"]
+    assert main([*argv, "laplace.subsets={odd: [0, 7]}", "--layerwise"]) == 2
+    err = capsys.readouterr()
+    assert "laplace.subsets.odd=[0, 7]: need a new name and block indices in 0..3" in err.err
+    assert "epoch" not in err.out + err.err  # refused before any training
 
 
 def test_laplace_metrics_vocabulary():
@@ -157,7 +171,20 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 @pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_embedded_default_on_real_fashion_mnist():
     """The shipped tiny backbone, real Fashion-MNIST classes 5-9, LoRA: well above chance (0.2)."""
-    cfg = load_config(overrides=["data.max_train=4000", "data.max_test=1000", "train.epochs=2"])
+    cfg = load_config(
+        overrides=["data.max_train=4000", "data.max_test=1000", "train.epochs=2", "train.converge=false"]
+    )
     result = run_trial(cfg, log=lambda m: None)
     assert result["status"] == "ok"
     assert result["metrics"][MAP_TEST["accuracy"]] > 0.75
+
+
+def test_the_map_is_stationary(fake_fmnist_dir, tiny_vit_dir, tmp_path):
+    """With ``train.converge`` the trial's θ* is a mode of the stated posterior: L-BFGS stops at the
+    stationarity target, and the trial records how far it went."""
+    cfg = trial_cfg(
+        fake_fmnist_dir, tiny_vit_dir, tmp_path, "train.converge=true", "train.prior_precision=1000"
+    )
+    m = run_trial(cfg, log=lambda m: None)["metrics"]
+    assert m[names.STATIONARITY] <= cfg.train.stationarity_tol
+    assert 0 < m[names.LBFGS_STEPS] <= cfg.train.max_lbfgs_steps

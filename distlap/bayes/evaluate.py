@@ -49,27 +49,39 @@ def subset_row(
     seed: int,
 ) -> dict:
     """The row of one subset in ``layer_wise_results.json`` (see the README)."""
+    row = predictive_row(
+        "subset", val_probs, test_probs, ref, n_bins=n_bins, n_bootstrap=n_bootstrap, seed=seed
+    )
+    return {"blocks": list(blocks), **row}
+
+
+def predictive_row(
+    predictive: str, val_probs, test_probs, ref: Reference, *, n_bins: int, n_bootstrap: int, seed: int
+) -> dict:
+    """A predictive's scores on validation and test, its improvement over the MAP on test, the paired
+    bootstrap interval of Δ_ECE and the test reliability bins, under ``<predictive>/...`` keys."""
     ci = intervals.delta_ece_ci(
         ref.test_probs, test_probs, ref.test_labels, n_bins=n_bins, n_resamples=n_bootstrap, seed=seed
     )
-    low, high = names.interval(names.delta("subset", "test", "ece"))
+    low, high = names.interval(names.delta(predictive, "test", "ece"))
     scores = {
-        **split_scores("subset", "val", val_probs, ref.val_labels, n_bins),
-        **split_scores("subset", "test", test_probs, ref.test_labels, n_bins),
+        **split_scores(predictive, "val", val_probs, ref.val_labels, n_bins),
+        **split_scores(predictive, "test", test_probs, ref.test_labels, n_bins),
     }
     return {
-        "blocks": list(blocks),
-        "metrics": {**scores, **deltas(scores, ref, n_bins), low: ci.low, high: ci.high},
+        "metrics": {**scores, **deltas(scores, ref, n_bins, predictive), low: ci.low, high: ci.high},
         "reliability": _reliability(test_probs, ref.test_labels, n_bins),
     }
 
 
-def deltas(scores: dict[str, float], ref: Reference, n_bins: int) -> dict[str, float]:
-    """``subset/test/delta_<score>``: the subset's improvement over the MAP on test, for every score."""
+def deltas(
+    scores: dict[str, float], ref: Reference, n_bins: int, predictive: str = "subset"
+) -> dict[str, float]:
+    """``<predictive>/test/delta_<score>``: the improvement over the MAP on test, for every score."""
     map_scores = split_scores("map", "test", ref.test_probs, ref.test_labels, n_bins)
     return {
-        names.delta("subset", "test", s): names.improvement(
-            s, scores[names.score("subset", "test", s)], map_scores[names.score("map", "test", s)]
+        names.delta(predictive, "test", s): names.improvement(
+            s, scores[names.score(predictive, "test", s)], map_scores[names.score("map", "test", s)]
         )
         for s in names.SCORES
     }

@@ -1,18 +1,21 @@
 """The layer-wise Laplace study of one fine-tuned model, as a pipeline of named steps.
 
-:func:`run_layerwise`: the MAP reference on validation and test -> the layer subsets
-(``layer_0 .. layer_{L-1}``, ``early`` / ``mid`` / ``late``, ``all`` and the user's) -> one Laplace fit
-over the tuned block parameters -> every subset's restricted posterior evaluated against the MAP ->
-the result (``layer_wise_results.json``, :func:`write_results`, with reliability diagrams).
+:func:`run_layerwise`: the layer subsets (``layer_0 .. layer_{L-1}``, ``early`` / ``mid`` / ``late``,
+``all`` and the user's) -> one Laplace fit over the tuned block parameters, centred on the MAP's own
+prior -> with the ``glm`` predictive (default) one Jacobian pass per split serves every subset at the
+global and at its own λ, every coalition of blocks and their Shapley values
+(:mod:`distlap.bayes.glm_study`); with ``nn``, K posterior samples per subset, one subset after another
+here or by the ``evaluate_nn`` function the caller passes (the sweep fans them out as Ray tasks) -> the
+result (``layer_wise_results.json``, :func:`write_results`, with reliability diagrams).
 
-This wing knows nothing of Ray: the ``nn`` subsets are evaluated one after another here, or by the
-``evaluate_nn`` function the caller passes (the sweep fans them out as Ray tasks; the numbers are
-identical because each subset is a pure function of the model, the posterior and the data).
+This wing knows nothing of Ray and nothing of how the model was trained: it gets the model, its
+loaders and its prior (:class:`LaplaceData`).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +26,18 @@ from torch.utils.data import DataLoader
 
 from distlap import metrics, names
 from distlap.bayes.evaluate import Reference, map_row, row_line, subset_row
+from distlap.bayes.glm_study import glm_study
 from distlap.bayes.layers import layer_subsets, num_blocks
-from distlap.bayes.posterior import Posterior, build_posterior
-from distlap.bayes.predictive import ViTSuffix, glm_predictive, nn_predictive
+from distlap.bayes.posterior import (
+    Posterior,
+    choose_prior_precision,
+    fit_laplace,
+    param_blocks,
+    posterior_parameters,
+    sample_posterior,
+)
+from distlap.bayes.predictive import ViTSuffix, nn_predictive
+from distlap.bayes.predictors import GLMPredictive, NNPredictive
 from distlap.config import LaplaceConfig
 from distlap.plots import reliability_diagram
 from distlap.runtime import Timer, predict
@@ -46,6 +58,17 @@ class LaplaceData:
     test: DataLoader
     n_train: int  # N, the MAP's training examples: the curvature is scaled to stand for N
     device: torch.device
+    prior_mean: dict[str, torch.Tensor] | None = None  # θ₀ by parameter name (the MAP's prior); None = 0
+
+
+@dataclass
+class Study:
+    """A layer-wise study: its JSON-able ``result``, the fitted ``predictive`` (the MAP and every subset
+    on further data: shift, OOD) and the ``subsets`` it evaluated."""
+
+    result: dict
+    predictive: GLMPredictive | NNPredictive
+    subsets: dict[str, tuple[int, ...]]
 
 
 @dataclass(frozen=True)
@@ -65,30 +88,83 @@ def run_layerwise(
     scoring: Scoring,
     only: Sequence[str] | None = None,
     evaluate_nn: NNEvaluator | None = None,
+    fitted: dict | None = None,
+    on_fit: Callable[[dict], None] | None = None,
     log=print,
-) -> dict:
-    """Fit once, evaluate every subset (or ``only`` these), return the result dict (see the README)."""
-    ref = map_reference(data)
+) -> Study:
+    """Fit once, evaluate every subset (or ``only`` these); the result dict is ``Study.result``.
+
+    ``on_fit(state)`` receives the fit's laplace-torch ``state_dict`` (a checkpoint); ``fitted`` is
+    such a state, loaded instead of fitting again (a restarted trial)."""
     subsets = select_subsets(num_blocks(data.model), cfg.subsets, only)
-    posterior = fit_posterior(data, cfg, prior_precision, scoring.seed, ref, log)
-    rows = {}
+    la, fit_s = fit_once(data, cfg, prior_precision, log, fitted)
+    if on_fit is not None and fitted is None:
+        on_fit(la.state_dict())
     with Timer() as t:
         if cfg.predictive == "glm":
-            pairs = glm_rows(data, posterior, subsets, ref, cfg.link_approx, scoring)
+            study = glm_study(data, cfg, la, subsets, scoring, prior_precision, log)
         else:
-            pairs = (evaluate_nn or serial_nn(data, scoring))(posterior, subsets, ref)
-        for name, row in pairs:
+            study = nn_study(data, cfg, la, subsets, scoring, prior_precision, evaluate_nn)
+        rows = {}
+        for name, row in study.pop("pairs", None) or study["rows"].items():
             rows[name] = row
             log(f"[distlap]   {row_line(name, row)}")
-    rows = {name: rows[name] for name in subsets}  # the subsets' order, whatever order they finished in
-    return result(data, cfg, posterior, ref, rows, scoring.n_bins, eval_s=t.seconds)
+    study["rows"] = {name: rows[name] for name in subsets}  # the subsets' order, however they finished
+    return Study(
+        result(data, cfg, la, study, scoring.n_bins, fit_s=fit_s, eval_s=t.seconds),
+        study["predictive"],
+        subsets,
+    )
+
+
+def fit_once(data: LaplaceData, cfg: LaplaceConfig, prior_precision: float, log, fitted=None) -> tuple:
+    """One laplace-torch fit over the tuned block parameters (or the ``fitted`` state loaded): (the
+    fitted object, seconds)."""
+    names_ = posterior_parameters(data.model, data.method, cfg.include_norms)
+    log(
+        f"[distlap] fitting {cfg.hessian_structure} Laplace ({cfg.curvature}) on {len(data.fit.dataset)} "
+        f"training examples"
+    )
+    start = time.perf_counter()
+    la = fit_laplace(
+        data.model, names_, data.fit, cfg, prior_precision, data.n_train, data.prior_mean, fitted
+    )
+    fit_s = time.perf_counter() - start
+    log(f"[distlap] posterior over {la.n_params:,} parameters, fit {fit_s:.1f}s")
+    return la, fit_s
 
 
 def map_reference(data: LaplaceData) -> Reference:
-    """The MAP's probabilities on validation and test: what every subset is compared with."""
+    """The MAP's probabilities on validation and test (the nn path: same autocast as its samples)."""
     val_probs, val_labels = predict(data.model, data.val, data.device)
     test_probs, test_labels = predict(data.model, data.test, data.device)
     return Reference(val_probs, test_probs, val_labels, test_labels)
+
+
+def nn_study(data, cfg, la, subsets, scoring, prior_precision, evaluate_nn) -> dict:
+    """K posterior samples shared by every subset; each subset's nn predictive (serially, or by
+    ``evaluate_nn``), against the MAP's own predictive."""
+    ref = map_reference(data)
+    names_ = posterior_parameters(data.model, data.method, cfg.include_norms)
+    params = param_blocks(data.model, names_, la.n_params)
+    every = tuple(range(num_blocks(data.model)))
+
+    def draw(lam: float) -> Posterior:
+        return sample_posterior(la, params, cfg, prior_precision=lam, seed=scoring.seed)
+
+    def val_nll(post: Posterior) -> float:  # gridsearch scorer: the 'all' posterior on validation
+        return metrics.negative_log_likelihood(
+            nn_predictive(data.model, post, every, data.val, data.device)[0], ref.val_labels
+        )
+
+    posterior = draw(choose_prior_precision(la, cfg.prior_method, prior_precision, draw, val_nll))
+    pairs = (evaluate_nn or serial_nn(data, scoring))(posterior, subsets, ref)
+    return {
+        "pairs": pairs,
+        "reference": ref,
+        "prior_precision": posterior.prior_precision,
+        "predictive": NNPredictive(data.model, posterior, data.device),
+    }
 
 
 def select_subsets(n_blocks: int, extra: dict[str, list[int]], only: Sequence[str] | None) -> Subsets:
@@ -100,58 +176,6 @@ def select_subsets(n_blocks: int, extra: dict[str, list[int]], only: Sequence[st
     if unknown:
         raise ValueError(f"no layer subsets named {sorted(unknown)}; the model has {sorted(subsets)}")
     return {name: subsets[name] for name in only}
-
-
-def fit_posterior(
-    data: LaplaceData, cfg: LaplaceConfig, prior_precision: float, seed: int, ref: Reference, log
-) -> Posterior:
-    """One Laplace fit over the tuned block parameters; λ as ``cfg.prior_method`` says."""
-    every = tuple(range(num_blocks(data.model)))
-
-    def val_nll(post: Posterior) -> float:  # gridsearch scorer: the 'all' posterior on validation
-        if cfg.predictive == "glm":
-            probs = glm_predictive(data.model, post, {"all": every}, data.val, data.device, cfg.link_approx)[
-                0
-            ]["all"]
-        else:
-            probs = nn_predictive(data.model, post, every, data.val, data.device, None)[0]
-        return metrics.negative_log_likelihood(probs, ref.val_labels)
-
-    log(
-        f"[distlap] fitting {cfg.hessian_structure} Laplace ({cfg.curvature}) on "
-        f"{len(data.fit.dataset)} training examples"
-    )
-    posterior = build_posterior(
-        data.model,
-        data.method,
-        data.fit,
-        cfg,
-        prior_precision=prior_precision,
-        seed=seed,
-        n_train=data.n_train,
-        val_nll=val_nll,
-    )
-    log(
-        f"[distlap] posterior over {posterior.n_params:,} parameters, prior precision "
-        f"{posterior.prior_precision:g} ({posterior.prior_method}), fit {posterior.fit_s:.1f}s"
-    )
-    return posterior
-
-
-def glm_rows(
-    data: LaplaceData,
-    posterior: Posterior,
-    subsets: Subsets,
-    ref: Reference,
-    link_approx: str,
-    scoring: Scoring,
-) -> Iterator[tuple[str, dict]]:
-    """GLM: one Jacobian pass per batch serves every subset, in this process."""
-    val, _ = glm_predictive(data.model, posterior, subsets, data.val, data.device, link_approx)
-    test, _ = glm_predictive(data.model, posterior, subsets, data.test, data.device, link_approx)
-    kw = dict(n_bins=scoring.n_bins, n_bootstrap=scoring.n_bootstrap, seed=scoring.seed)
-    for name, blocks in subsets.items():
-        yield name, subset_row(blocks, val[name], test[name], ref, **kw)
 
 
 def evaluate_nn_subset(
@@ -199,33 +223,28 @@ def serial_nn(data: LaplaceData, scoring: Scoring) -> NNEvaluator:
 
 
 def result(
-    data: LaplaceData,
-    cfg: LaplaceConfig,
-    posterior: Posterior,
-    ref: Reference,
-    rows: dict[str, dict],
-    n_bins: int,
-    *,
-    eval_s: float,
+    data: LaplaceData, cfg: LaplaceConfig, la, study: dict, n_bins: int, *, fit_s: float, eval_s: float
 ) -> dict:
     """``layer_wise_results.json``: how the posterior was made (``laplace/...`` keys), the MAP's row,
-    every subset's row, and the seconds of the fit and of the evaluation."""
-    return {
-        names.PRIOR_PRECISION: posterior.prior_precision,
-        names.PRIOR_METHOD: posterior.prior_method,
+    every subset's row, and (glm) the attribution of Δ_ECE and Δ_NLL to the blocks."""
+    out = {
+        names.PRIOR_PRECISION: study["prior_precision"],
+        names.PRIOR_METHOD: cfg.prior_method,
         names.HESSIAN: cfg.hessian_structure,
         names.BACKEND: cfg.curvature,
         names.PREDICTIVE: cfg.predictive,
-        names.LINK: cfg.link_approx if cfg.predictive == "glm" else None,
-        names.N_SAMPLES: cfg.n_samples,
-        names.N_PARAMS: posterior.n_params,
+        names.N_SAMPLES: cfg.n_samples if cfg.predictive == "nn" else None,
+        names.N_PARAMS: la.n_params,
         names.N_BLOCKS: num_blocks(data.model),
-        names.FIT_EXAMPLES: posterior.fit_examples,
-        names.FIT_TIME: posterior.fit_s,
+        names.FIT_EXAMPLES: len(data.fit.dataset),
+        names.FIT_TIME: fit_s,
         names.EVAL_TIME: eval_s,
-        "map": map_row(ref, n_bins),
-        "subsets": rows,
+        "map": map_row(study["reference"], n_bins),
+        "subsets": study["rows"],
     }
+    if "attribution" in study:
+        out["attribution"] = study["attribution"]
+    return out
 
 
 def write_results(result: dict, out: Path) -> None:

@@ -16,7 +16,6 @@ comparisons between subsets have less Monte-Carlo noise).
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,10 +71,6 @@ class Posterior:
     deltas: torch.Tensor  # (K, P)
     variance: torch.Tensor | None  # (P,) marginal variances (diag only)
     prior_precision: float
-    prior_method: str
-    hessian_structure: str
-    fit_examples: int
-    fit_s: float
 
     @property
     def n_params(self) -> int:
@@ -119,12 +114,16 @@ def fit_laplace(
     cfg: LaplaceConfig,
     prior_precision: float,
     n_train: int | None = None,
+    prior_mean: dict[str, torch.Tensor] | None = None,
+    state: dict | None = None,
 ):
     """A laplace-torch Laplace over exactly the parameters ``names`` (others frozen for the fit).
+    ``state``: a fit saved by its ``state_dict()`` (a checkpoint), loaded instead of fitting again.
 
     The GGN is summed over ``train_loader`` (n examples); when that is a subset of the N = ``n_train``
     examples the MAP was trained on, the likelihood's curvature is scaled by N / n (laplace-torch's
     ``temperature = n / N``) so that it stands for the full training set, as the prior does.
+    ``prior_mean``: θ₀ by parameter name (the MAP's own prior, :class:`GaussianPrior`); None = 0.
     Runs in fp32 (bf16 + kron exits the process silently) and leaves ``requires_grad`` as it found it.
     """
     if cfg.curvature == "asdl" and any("modules_to_save" in n for n in names):
@@ -141,23 +140,41 @@ def fit_laplace(
         with warnings.catch_warnings():
             # asdl's torch.jit.script and backward-hook deprecations are laplace-torch's, not the user's.
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\..*")
-            import laplace
-
-            # A new Laplace object after changing requires_grad: it reads the trainable set at construction.
-            la = laplace.Laplace(
-                model,
-                "classification",
-                subset_of_weights="all",
-                hessian_structure=cfg.hessian_structure,
-                backend=backend_class(cfg.curvature),
-                prior_precision=prior_precision,
-                temperature=len(train_loader.dataset) / (n_train or len(train_loader.dataset)),
-            )
-            la.fit(train_loader, progress_bar=False)
+            la = _laplace(model, names, cfg, prior_precision, prior_mean, len(train_loader.dataset), n_train)
+            if state is None:
+                la.fit(train_loader, progress_bar=False)
+            else:
+                la.load_state_dict(state)
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
     return la
+
+
+def _laplace(
+    model, names, cfg: LaplaceConfig, prior_precision: float, prior_mean, n: int, n_train: int | None
+):
+    """A new laplace-torch Laplace (after changing requires_grad: it reads the trainable set when built)."""
+    import laplace
+
+    return laplace.Laplace(
+        model,
+        "classification",
+        subset_of_weights="all",
+        hessian_structure=cfg.hessian_structure,
+        backend=backend_class(cfg.curvature),
+        prior_precision=prior_precision,
+        prior_mean=_flat_mean(model, names, prior_mean),
+        temperature=n / (n_train or n),
+    )
+
+
+def _flat_mean(model: nn.Module, names: Sequence[str], means: dict | None) -> torch.Tensor | float:
+    """θ₀ as laplace-torch's flat vector (``model.parameters()`` order, as ``names``), or 0."""
+    if means is None:
+        return 0.0
+    device = next(model.parameters()).device
+    return torch.cat([means[n].reshape(-1) for n in names]).to(device)
 
 
 def build_posterior(
@@ -169,32 +186,33 @@ def build_posterior(
     prior_precision: float,
     seed: int,
     n_train: int | None = None,
+    prior_mean: dict[str, torch.Tensor] | None = None,
     val_nll=None,
 ) -> Posterior:
     """Fit once, choose lambda (``cfg.prior_method``), draw ``cfg.n_samples`` posterior deviations.
 
     ``val_nll(posterior) -> float`` scores a candidate on the validation split (gridsearch only).
     """
-    start = time.perf_counter()
     names = posterior_parameters(model, method, cfg.include_norms)
-    la = fit_laplace(model, names, train_loader, cfg, prior_precision, n_train)
+    la = fit_laplace(model, names, train_loader, cfg, prior_precision, n_train, prior_mean)
     params = param_blocks(model, names, la.n_params)
 
     def draw(lam: float) -> Posterior:
-        la.prior_precision = lam
-        g = torch.Generator(device=la._device).manual_seed(seed)
-        mean = la.mean.detach()
-        deltas = (la.sample(cfg.n_samples, generator=g) - mean.reshape(1, -1)).detach().float().cpu()
-        variance = la.posterior_variance.detach().float().cpu() if cfg.hessian_structure == "diag" else None
-        fit = (
-            cfg.prior_method,
-            cfg.hessian_structure,
-            len(train_loader.dataset),
-            time.perf_counter() - start,
-        )
-        return Posterior(params, mean.float().cpu(), deltas, variance, float(lam), *fit)
+        return sample_posterior(la, params, cfg, prior_precision=lam, seed=seed)
 
     return draw(choose_prior_precision(la, cfg.prior_method, prior_precision, draw, val_nll))
+
+
+def sample_posterior(
+    la, params: list[ParamBlock], cfg: LaplaceConfig, *, prior_precision: float, seed: int
+) -> Posterior:
+    """``cfg.n_samples`` deviations θ − θ* drawn (seeded) from the fitted posterior at ``prior_precision``."""
+    la.prior_precision = prior_precision
+    g = torch.Generator(device=la._device).manual_seed(seed)
+    mean = la.mean.detach()
+    deltas = (la.sample(cfg.n_samples, generator=g) - mean.reshape(1, -1)).detach().float().cpu()
+    variance = la.posterior_variance.detach().float().cpu() if cfg.hessian_structure == "diag" else None
+    return Posterior(params, mean.float().cpu(), deltas, variance, float(prior_precision))
 
 
 def param_blocks(model: nn.Module, names: Sequence[str], n_params: int) -> list[ParamBlock]:
@@ -209,13 +227,13 @@ def param_blocks(model: nn.Module, names: Sequence[str], n_params: int) -> list[
 
 
 def choose_prior_precision(la, method: str, prior_precision: float, draw, val_nll) -> float:
-    """λ: fixed (the MAP's), maximising laplace-torch's marginal likelihood, or the best validation NLL
-    of ``draw(λ)`` over :data:`GRID`."""
+    """λ: fixed (the MAP's), the exact maximiser of the marginal likelihood (closed form,
+    :func:`distlap.bayes.prior.marglik_prior_precision`), or the best validation NLL of ``draw(λ)`` over
+    :data:`GRID`."""
     if method == "marglik":
-        la.optimize_prior_precision(
-            pred_type="nn", method="marglik", prior_structure="scalar", init_prior_prec=prior_precision
-        )
-        return float(la.prior_precision.reshape(-1)[0])
+        from distlap.bayes.prior import block_evidence, marglik_prior_precision
+
+        return marglik_prior_precision(block_evidence(la, [0] * len(la.params)), [0])
     if method == "gridsearch":
         if val_nll is None:
             raise ValueError("laplace.prior_method=gridsearch needs a validation scorer")

@@ -121,7 +121,7 @@ def pretrain(recipe: TinyRecipe, out_dir: Path, *, data_path: str | None = None,
         None,
         train_cfg,
         device,
-        on_epoch=lambda row: log(
+        on_epoch=lambda row, _: log(
             f"[distlap]   pretrain epoch {row['epoch']}: "
             f"loss {row[names.TRAIN_LOSS]:.3f} ({row[names.EPOCH_TIME]:.1f}s)"
         ),

@@ -2,12 +2,13 @@
 
 :func:`fine_tune` returns a :class:`FineTuned`, everything the later stages need (the model, its data
 splits and input transform, the training history, the tuned-parameter count). :func:`save_fine_tuned`
-writes the peft adapter and the history; :func:`restore_fine_tuned` rebuilds the same
+writes the peft adapter and the training record; :func:`restore_fine_tuned` rebuilds the same
 :class:`FineTuned` from them without training (a retried or resumed sweep trial).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +18,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from distlap import names
-from distlap.config import TrialConfig
-from distlap.finetune.adapters import TunedParams, apply_peft, tuned_params
+from distlap.config import TrainConfig, TrialConfig
+from distlap.finetune.adapters import TunedParams, apply_peft, prior_mean, tuned_params
 from distlap.finetune.backbones import load_backbone
 from distlap.finetune.data import ImageTransform, Splits, load_splits, make_loader
-from distlap.finetune.train import LogitsModel, TrainResult, fit_map
+from distlap.finetune.train import GaussianPrior, LogitsModel, TrainResult, fit_map
 from distlap.runtime import resolve_device, seed_everything, set_threads
 
 EVAL_BATCH = 256
 ADAPTER_DIR = "adapter"
-HISTORY_FILE = "history.json"
+HISTORY_FILE = "train_result.json"
 
 
 @dataclass
@@ -40,6 +41,7 @@ class FineTuned:
     train: TrainResult
     tuned: TunedParams
     device: torch.device
+    prior: GaussianPrior  # of training and of the Laplace fit
 
     @property
     def peft_model(self) -> nn.Module:
@@ -82,28 +84,70 @@ def _prepared(cfg: TrialConfig, log) -> tuple[Splits, nn.Module, ImageTransform,
     return splits, backbone, transform, device
 
 
-def fine_tune(cfg: TrialConfig, *, log=print) -> FineTuned:
-    """Fine-tune ``cfg`` to its MAP; a failed training (non-finite loss) is in ``.train.status``."""
+def prepare(cfg: TrialConfig, *, adapter: Path | None = None, log=print) -> FineTuned:
+    """The trial before training: data, backbone, the PEFT method (fresh, or the saved ``adapter``
+    loaded on top, trainable) and the Gaussian prior its training and its Laplace fit share."""
+    from peft import PeftModel
+
     splits, backbone, transform, device = _prepared(cfg, log)
-    model = LogitsModel(apply_peft(backbone, cfg.peft))
-    tuned = tuned_params(model.model)
-    log(
-        f"[distlap] {cfg.peft.method} on {cfg.backbone.name}: {tuned.trainable:,} of {tuned.total:,} "
-        f"parameters tuned ({tuned.pct:.2f}%)"
-    )
-    ft = FineTuned(cfg, model, transform, splits, TrainResult(status="ok"), tuned, device)
+    if adapter is None:
+        peft_model = apply_peft(backbone, cfg.peft)
+    else:
+        peft_model = PeftModel.from_pretrained(backbone, adapter, is_trainable=True)
+    model = LogitsModel(peft_model).to(device)
+    tuned = tuned_params(peft_model)
+    prior = GaussianPrior(cfg.train.prior_precision, prior_mean(model), n_train=len(splits.train))
+    return FineTuned(cfg, model, transform, splits, TrainResult(status="ok"), tuned, device, prior)
+
+
+def train(ft: FineTuned, *, log=print, on_epoch=None, resume: dict | None = None) -> FineTuned:
+    """Train ``ft`` to its MAP (``on_epoch(row, state)``, ``resume``: see :func:`fit_map`); a failed
+    training (non-finite loss) is in ``ft.train.status``."""
+    cfg = ft.cfg
+
+    def epoch_done(row: dict, state: dict) -> None:
+        log(_epoch_line(row, cfg.train.epochs))
+        if on_epoch is not None:
+            on_epoch(row, state)
+
+    loader = ft.loader("train", batch_size=cfg.train.batch_size, shuffle=True)
     ft.train = fit_map(
-        model,
-        ft.loader("train", batch_size=cfg.train.batch_size, shuffle=True),
+        ft.model,
+        loader,
         ft.loader("val"),
         cfg.train,
-        device,
+        ft.device,
+        prior=ft.prior,
         n_bins=cfg.n_bins,
-        on_epoch=lambda row: log(_epoch_line(row, cfg.train.epochs)),
+        on_epoch=epoch_done,
+        resume=resume,
     )
     if ft.train.status != "ok":
         log(f"[distlap] fine-tuning FAILED: {ft.train.message}")
+    else:
+        _log_stationarity(ft.train, cfg.train, log)
     return ft
+
+
+def _log_stationarity(result: TrainResult, cfg: TrainConfig, log) -> None:
+    how = f"L-BFGS: {result.lbfgs_steps} steps to" if cfg.converge else "no L-BFGS (converge=false):"
+    log(
+        f"[distlap] {how} stationarity {result.stationarity:.2e} "
+        f"(||grad log joint|| / ||grad NLL||; target {cfg.stationarity_tol:g})"
+    )
+    if result.stationarity > cfg.stationarity_tol:
+        log("[distlap] WARNING: theta* is not a mode of the posterior; Laplace assumes one")
+
+
+def fine_tune(cfg: TrialConfig, *, log=print) -> FineTuned:
+    """Fine-tune ``cfg`` to its MAP: :func:`prepare`, then :func:`train`."""
+    ft = prepare(cfg, log=log)
+    t = ft.tuned
+    log(
+        f"[distlap] {cfg.peft.method} on {cfg.backbone.name}: {t.trainable:,} of {t.total:,} "
+        f"parameters tuned ({t.pct:.2f}%)"
+    )
+    return train(ft, log=log)
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
@@ -115,28 +159,15 @@ def _epoch_line(row: dict, epochs: int) -> str:
 
 
 def save_fine_tuned(ft: FineTuned, path: Path) -> None:
-    """The peft adapter (with the trained head, a ``modules_to_save``) and the training history."""
+    """The peft adapter (with the trained head, a ``modules_to_save``) and the training record."""
     ft.peft_model.save_pretrained(path / ADAPTER_DIR)
-    (path / HISTORY_FILE).write_text(json.dumps(ft.train.history))
+    (path / HISTORY_FILE).write_text(json.dumps(dataclasses.asdict(ft.train)))
 
 
 def restore_fine_tuned(cfg: TrialConfig, path: Path, *, log=print) -> FineTuned:
-    """What :func:`fine_tune` returned, rebuilt from :func:`save_fine_tuned`'s folder without training.
-
-    Same data split, same backbone and fresh head; the adapter is loaded on top, trainable, so that the
-    Laplace stage sees its parameters.
-    """
-    from peft import PeftModel
-
-    splits, backbone, transform, device = _prepared(cfg, log)
-    peft_model = PeftModel.from_pretrained(backbone, path / ADAPTER_DIR, is_trainable=True)
-    history = json.loads((path / HISTORY_FILE).read_text())
-    return FineTuned(
-        cfg,
-        LogitsModel(peft_model).to(device),
-        transform,
-        splits,
-        TrainResult(status="ok", history=history),
-        tuned_params(peft_model),
-        device,
-    )
+    """What :func:`fine_tune` returned, rebuilt from :func:`save_fine_tuned`'s folder without training:
+    same data split, backbone and fresh head, the adapter loaded on top (trainable, so that the Laplace
+    stage sees its parameters), the same prior."""
+    ft = prepare(cfg, adapter=path / ADAPTER_DIR, log=log)
+    ft.train = TrainResult(**json.loads((path / HISTORY_FILE).read_text()))
+    return ft

@@ -1,21 +1,28 @@
-"""MAP fine-tuning of the tuned parameters, and MAP prediction.
+"""MAP fine-tuning of the tuned parameters θ under a Gaussian prior, to a stationary point.
 
-With an isotropic Gaussian prior N(0, 1/lambda) on the tuned parameters theta and N training
-examples, the negative log joint per example is
+With the prior N(θ₀, λ⁻¹ I) on the tuned parameters and N training examples, the negative log joint per
+example (the objective) is
 
-    mean_i CE(f_theta(x_i), y_i) + lambda / (2N) * ||theta||^2,
+    L(θ) = mean_i CE(f_θ(x_i), y_i) + λ / (2N) ||θ − θ₀||²,
 
-so MAP estimation is cross-entropy training with weight decay lambda / N on theta (decoupled, as in
-AdamW; Loshchilov & Hutter 2019). Frozen backbone weights get no decay and no gradient.
+θ₀ = 0 for LoRA factors and the fresh head, the pretrained value for LayerNorm parameters
+(:func:`distlap.finetune.adapters.prior_mean`). The penalty is inside the gradient (coupled): AdamW's
+decoupled decay is not this prior under Adam (its effective precision is about λ·sqrt(v̂) per
+parameter). Training is Adam with warm-up and a schedule for ``train.epochs``, then full-batch
+L-BFGS until θ* is stationary: ‖∇L(θ*)‖ ≤ ``train.stationarity_tol`` · ‖∇NLL(θ*)‖ — a Laplace
+approximation at a point that is not a mode is the posterior of nothing. The ratio reached is recorded
+(``stationarity``); a weak prior (small λ/N) makes L ill-conditioned and convergence slow.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -27,10 +34,27 @@ from distlap.runtime import autocast, predict
 
 
 @dataclass
+class GaussianPrior:
+    """p(θ) = N(θ₀, λ⁻¹ I) on the tuned parameters; ``means`` maps each parameter's name (as the trained
+    model names it) to θ₀. ``penalty`` is −log p(θ) / N up to a constant."""
+
+    precision: float
+    means: dict[str, torch.Tensor]
+    n_train: int
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        named = dict(model.named_parameters())
+        sq = sum(((named[n] - m.to(named[n].device)) ** 2).sum() for n, m in self.means.items())
+        return self.precision / (2 * self.n_train) * sq
+
+
+@dataclass
 class TrainResult:
     status: str  # "ok" | "failed"
     message: str = ""
     history: list[dict[str, float]] = field(default_factory=list)  # one row per finished epoch
+    stationarity: float = float("nan")  # ‖∇L(θ*)‖ / ‖∇NLL(θ*)‖, full batch (nan: no prior, e.g. pretraining)
+    lbfgs_steps: int = 0
 
     @property
     def time_per_epoch_s(self) -> float:
@@ -77,45 +101,86 @@ def fit_map(
     cfg: TrainConfig,
     device: torch.device,
     *,
+    prior: GaussianPrior | None = None,
     n_bins: int = 15,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_epoch: Callable[[dict[str, float], dict], None] | None = None,
+    resume: dict | None = None,
 ) -> TrainResult:
     """Train the parameters with ``requires_grad`` (``model``: pixel_values -> logits) to the MAP.
 
-    A non-finite loss stops training and returns ``status="failed"`` with the reason; it never raises,
-    so a sweep can record the failure and go on. ``on_epoch`` receives each epoch's row.
+    With ``prior``: Adam on the negative log joint, then L-BFGS to stationarity (module doc). Without
+    (distlap's own backbone pretraining): AdamW with weight decay λ/N, plain regularised training.
+    ``on_epoch(row, state)`` receives each epoch's row and the optimiser state; ``fit_map(...,
+    resume=state)`` continues after that epoch with the same numbers. A non-finite loss returns
+    ``status="failed"`` with the reason; it never raises, so a sweep records the failure and goes on.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters; apply a PEFT method first")
-    n_train = len(train_loader.dataset)
-    optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.prior_precision / n_train)
-    total_steps = cfg.epochs * len(train_loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_lambda(cfg, total_steps))
     model.to(device)
-    result = TrainResult(status="ok")
-    for epoch in range(1, cfg.epochs + 1):
-        start = time.perf_counter()
-        try:
-            train_loss = _train_epoch(model, train_loader, optimiser, schedule, cfg, device)
-        except NonFiniteLoss as err:
-            result.status = "failed"
-            result.message = (
-                f"{err} at epoch {epoch}; lower train.lr (now {cfg.lr:g}) or keep "
-                f"train.max_grad_norm set (now {cfg.max_grad_norm})"
-            )
-            return result
-        row = {"epoch": epoch, names.TRAIN_LOSS: train_loss, names.EPOCH_TIME: time.perf_counter() - start}
-        if val_loader is not None:
-            probs, labels = predict(model, val_loader, device)
-            row.update({names.epoch_score(k): v for k, v in metrics.summarize(probs, labels, n_bins).items()})
+    optimiser, schedule = _optimiser(params, train_loader, cfg, prior)
+    result = TrainResult(status="ok", history=list((resume or {}).get("history", [])))
+    if resume is not None:
+        _load_state(resume, optimiser, schedule, train_loader)
+    for epoch in range(len(result.history) + 1, cfg.epochs + 1):
+        row = _epoch(model, train_loader, val_loader, optimiser, schedule, cfg, prior, device, epoch, n_bins)
+        if isinstance(row, str):
+            return TrainResult("failed", row, result.history)
         result.history.append(row)
         if on_epoch is not None:
-            on_epoch(row)
+            on_epoch(row, _state(optimiser, schedule, train_loader, result.history))
+    if prior is not None and cfg.converge:
+        result.lbfgs_steps, result.stationarity = converge(model, train_loader, prior, cfg, device)
+    elif prior is not None:  # no L-BFGS, but how far θ* is from a mode is always recorded
+        result.stationarity = stationarity(model, train_loader, prior, device)
     return result
 
 
-def _train_epoch(model, loader, optimiser, schedule, cfg: TrainConfig, device) -> float:
+def _optimiser(params, loader: DataLoader, cfg: TrainConfig, prior: GaussianPrior | None):
+    if prior is None:  # decoupled decay: regularised training, no MAP claim (pretraining)
+        optimiser = torch.optim.AdamW(
+            params, lr=cfg.lr, weight_decay=cfg.prior_precision / len(loader.dataset)
+        )
+    else:  # the prior is in the loss: coupled
+        optimiser = torch.optim.Adam(params, lr=cfg.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_lambda(cfg, cfg.epochs * len(loader)))
+    return optimiser, schedule
+
+
+def _state(optimiser, schedule, loader: DataLoader, history: list[dict]) -> dict:
+    """Everything but the parameters that the next epoch depends on (the caller saves the parameters);
+    a copy, so that training on does not change it."""
+    state = {"optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(), "history": list(history)}
+    shuffle = loader.generator.get_state() if loader.generator is not None else None
+    return copy.deepcopy(state) | {"shuffle": shuffle}
+
+
+def _load_state(state: dict, optimiser, schedule, loader: DataLoader) -> None:
+    optimiser.load_state_dict(state["optimiser"])
+    schedule.load_state_dict(state["schedule"])
+    if state.get("shuffle") is not None and loader.generator is not None:
+        loader.generator.set_state(state["shuffle"])
+
+
+def _epoch(model, loader, val_loader, optimiser, schedule, cfg, prior, device, epoch, n_bins) -> dict | str:
+    """One epoch's training steps and validation scores: the history row, or why it failed."""
+    start = time.perf_counter()
+    try:
+        train_loss = _train_epoch(model, loader, optimiser, schedule, cfg, prior, device)
+    except NonFiniteLoss as err:
+        return (
+            f"{err} at epoch {epoch}; lower train.lr (now {cfg.lr:g}) or keep "
+            f"train.max_grad_norm set (now {cfg.max_grad_norm})"
+        )
+    row = {"epoch": epoch, names.TRAIN_LOSS: train_loss, names.EPOCH_TIME: time.perf_counter() - start}
+    if val_loader is not None:
+        probs, labels = predict(model, val_loader, device)
+        row.update({names.epoch_score(k): v for k, v in metrics.summarize(probs, labels, n_bins).items()})
+    return row
+
+
+def _train_epoch(model, loader, optimiser, schedule, cfg: TrainConfig, prior, device) -> float:
+    """Minibatch steps; returns the mean objective of the epoch's batches (the NLL, plus the prior term)."""
     model.train()
     total, count = 0.0, 0
     for step, (x, y) in enumerate(loader):
@@ -123,6 +188,8 @@ def _train_epoch(model, loader, optimiser, schedule, cfg: TrainConfig, device) -
         with autocast(device):
             logits = model(x)  # (B, K)
         loss = F.cross_entropy(logits.float(), y)
+        if prior is not None:
+            loss = loss + prior.penalty(model)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"non-finite training loss ({loss.item()}) at step {step}")
         optimiser.zero_grad(set_to_none=True)
@@ -136,3 +203,76 @@ def _train_epoch(model, loader, optimiser, schedule, cfg: TrainConfig, device) -
         total += loss.item() * len(y)
         count += len(y)
     return total / count
+
+
+# --- convergence to a stationary point -------------------------------------------------------------
+
+
+def full_batch_gradients(model: nn.Module, loader: DataLoader, prior: GaussianPrior, device) -> tuple:
+    """L(θ), ∇NLL(θ) and ∇L(θ) over the whole training set, in fp32 and eval mode (no dropout: the
+    likelihood the Laplace fit sees). Gradients as flat vectors in ``model.parameters()`` order."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    total = 0.0
+    nll_grad = [torch.zeros_like(p) for p in params]
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        loss = F.cross_entropy(model(x).float(), y, reduction="sum") / prior.n_train
+        for acc, g in zip(nll_grad, torch.autograd.grad(loss, params)):
+            acc += g
+        total += loss.item()
+    penalty = prior.penalty(model)
+    prior_grad = torch.autograd.grad(penalty, params)
+    flat = torch.cat([g.reshape(-1) for g in nll_grad])
+    joint = flat + torch.cat([g.reshape(-1) for g in prior_grad])
+    return total + penalty.item(), flat, joint
+
+
+def stationarity(model: nn.Module, loader: DataLoader, prior: GaussianPrior, device) -> float:
+    """‖∇L(θ)‖ / ‖∇NLL(θ)‖: 0 at a stationary point of the negative log joint."""
+    _, nll, joint = full_batch_gradients(model, loader, prior, device)
+    return (joint.norm() / nll.norm().clamp_min(1e-30)).item()
+
+
+def converge(model: nn.Module, loader: DataLoader, prior: GaussianPrior, cfg: TrainConfig, device) -> tuple:
+    """Full-batch L-BFGS (scipy's L-BFGS-B, Byrd et al. 1995: its Moré-Thuente line search is robust to
+    the fp32 noise that stalls torch's) on L, until ``stationarity ≤ train.stationarity_tol`` or
+    ``train.max_lbfgs_steps`` iterations; returns (iterations, stationarity reached)."""
+    from scipy.optimize import minimize
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    last: dict = {}
+
+    def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
+        _load_flat(params, x)
+        value, nll, joint = full_batch_gradients(model, loader, prior, device)
+        last.update(x=x.copy(), ratio=(joint.norm() / nll.norm().clamp_min(1e-30)).item())
+        return value, joint.double().cpu().numpy()
+
+    def stop_when_stationary(intermediate_result) -> None:
+        if not np.array_equal(last["x"], intermediate_result.x):
+            objective(intermediate_result.x)
+        if last["ratio"] <= cfg.stationarity_tol:
+            raise StopIteration
+
+    x0 = torch.cat([p.detach().reshape(-1) for p in params]).double().cpu().numpy()
+    objective(x0)
+    if last["ratio"] <= cfg.stationarity_tol or cfg.max_lbfgs_steps == 0:
+        return 0, last["ratio"]
+    options = {"maxiter": cfg.max_lbfgs_steps, "maxcor": 20, "ftol": 0.0, "gtol": 0.0}
+    result = minimize(
+        objective, x0, jac=True, method="L-BFGS-B", callback=stop_when_stationary, options=options
+    )
+    if not np.array_equal(last["x"], result.x):
+        objective(result.x)
+    return int(result.nit), last["ratio"]
+
+
+def _load_flat(params: list[nn.Parameter], x: np.ndarray) -> None:
+    """Copy the flat vector ``x`` into the parameters (their own storage, their own dtype)."""
+    flat = torch.from_numpy(x)
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()

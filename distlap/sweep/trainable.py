@@ -8,22 +8,27 @@ Laplace predictive of all tuned block parameters) -> log to MLflow -> ``tune.rep
 
 from __future__ import annotations
 
-import tempfile
+import os
 import time
 import warnings
 from pathlib import Path
 
 from ray import tune
 
-from distlap import names
+from distlap import names, protocol
 from distlap.bayes.layerwise import Scoring, write_results
 from distlap.config import TrialConfig
-from distlap.finetune.run import FineTuned, fine_tune, restore_fine_tuned, save_fine_tuned
+from distlap.finetune.run import FineTuned, prepare, train
 from distlap.provenance import provenance
+from distlap.sweep import checkpoints
 from distlap.sweep.settings import SweepConfig, trial_config
 from distlap.sweep.subset_tasks import ray_nn_evaluator
 from distlap.sweep.tracking import TrialRun, flatten, provenance_tags
-from distlap.trial import costs, laplace_metrics, layerwise, map_metrics, record, write_trial
+from distlap.trial import check_subsets, costs, laplace_metrics, layerwise, map_metrics, record, write_trial
+
+# Test hook: the first attempt of a trial dies after this epoch (its checkpoint saved), as a preempted
+# worker would; the retry must resume from that checkpoint (tests/sweep/test_checkpoints.py).
+FAIL_AFTER_EPOCH = "DISTLAP_FAIL_AFTER_EPOCH"
 
 
 class TrialFailed(RuntimeError):
@@ -63,14 +68,16 @@ def _run(config: dict, sweep: SweepConfig, layer_subsets: tuple[str, ...] | None
             params={k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if k not in params},
             tags=provenance_tags(provenance()),
         )
-        ft = _fine_tuned(cfg, run, log)
+        ft, fitted = _fine_tuned(cfg, run, log)
         log(
             "stage: MAP evaluation"
             if layer_subsets == ()
             else "stage: Laplace fit and layer-subset evaluation"
         )
         metrics = (
-            map_metrics(ft) if layer_subsets == () else _laplace_stage(ft, sweep, layer_subsets, run, log)
+            map_metrics(ft)
+            if layer_subsets == ()
+            else _laplace_stage(ft, sweep, layer_subsets, run, fitted, log)
         )
         metrics.update(costs(ft, wall_time_s=time.perf_counter() - start))
         run.log(metrics=metrics)
@@ -79,18 +86,31 @@ def _run(config: dict, sweep: SweepConfig, layer_subsets: tuple[str, ...] | None
     tune.report(metrics)
 
 
-def _laplace_stage(ft: FineTuned, sweep: SweepConfig, only, run: TrialRun, log) -> dict:
-    """The layer-wise study (nn subsets as Ray tasks when the trial has child bundles); results logged."""
+def _laplace_stage(ft: FineTuned, sweep: SweepConfig, only, run: TrialRun, fitted: dict | None, log) -> dict:
+    """The layer-wise study (nn subsets as Ray tasks when the trial has child bundles), checkpointed
+    after the fit; results written and logged."""
     cfg = ft.cfg
     scoring = Scoring(n_bins=cfg.n_bins, n_bootstrap=cfg.laplace.n_bootstrap, seed=cfg.seed)
     tasks = sweep.resources.eval_tasks
     evaluator = ray_nn_evaluator(ft, scoring, sweep.resources.task_resources(), log) if tasks else None
-    result = layerwise(ft, only=only, evaluate_nn=evaluator, log=log)
+    on_fit = lambda state: checkpoints.report(ft, {"stage": "laplace-fit"}, laplace_fit=state)
+    study = layerwise(ft, only=only, evaluate_nn=evaluator, fitted=fitted, on_fit=on_fit, log=log)
+    result = protocol.evaluate(ft, study, log=log) if only is None else study.result
     out = Path(cfg.output_dir)
     write_results(result, out)
     run.log_subsets(result, out / "plots")
     run.log_artifact(out / names.LAYERWISE_FILE)
+    _log_attribution(run, result.get("attribution"))
     return laplace_metrics(result)
+
+
+def _log_attribution(run: TrialRun, attribution: dict | None) -> None:
+    """Shapley values by block (step = block) and the greedy best-k curve (step = k), per score."""
+    for score, values in (attribution or {}).get("values", {}).items():
+        for block, phi in enumerate(values["shapley"]):
+            run.log(metrics={names.SHAPLEY + score: phi}, step=block)
+        for step in values["greedy"]:
+            run.log(metrics={names.BEST_K + score: step["value"]}, step=step["size"])
 
 
 def _quiet_worker() -> None:
@@ -101,25 +121,28 @@ def _quiet_worker() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _fine_tuned(cfg: TrialConfig, run: TrialRun, log) -> FineTuned:
-    """Fine-tune and checkpoint; a restarted trial (retry or resumed sweep) restores instead."""
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as path:
-            ft = restore_fine_tuned(cfg, Path(path), log=log)
+def _fine_tuned(cfg: TrialConfig, run: TrialRun, log) -> tuple[FineTuned, dict | None]:
+    """Fine-tune, checkpointing after every epoch and at the end; a restarted trial (retry, resumed
+    sweep, preempted worker) continues from its latest checkpoint. Returns the trained model and a
+    restored Laplace fit (or None)."""
+    restored = checkpoints.restore(cfg, log)
+    if restored is not None and restored.trained:
         log("stage: restored the fine-tuned adapter from the trial checkpoint (no retraining)")
-        return ft
-    log("stage: fine-tuning")
-    ft = fine_tune(cfg, log=log)
+        return restored.ft, restored.laplace_fit
+    ft = restored.ft if restored is not None else prepare(cfg, log=log)
+    check_subsets(ft)  # laplace.subsets name blocks this backbone has: refused before any training
+    resume = restored.train_state if restored is not None else None
+    log(f"stage: fine-tuning (from epoch {len(resume['history']) + 1})" if resume else "stage: fine-tuning")
+
+    def epoch_done(row: dict, state: dict) -> None:
+        run.log_history([row])
+        checkpoints.report(ft, {"stage": "epoch", "epoch": row["epoch"]}, train_state=state)
+        if restored is None and row["epoch"] == int(os.environ.get(FAIL_AFTER_EPOCH, 0)):
+            raise RuntimeError(f"{FAIL_AFTER_EPOCH}: injected failure after epoch {row['epoch']}")
+
+    train(ft, log=log, on_epoch=epoch_done, resume=resume)
     if ft.train.status != "ok":
         write_trial(ft, record(ft, {}), Path(cfg.output_dir))
         raise TrialFailed(ft.train.message)
-    run.log_history(ft.train.history)
-    with tempfile.TemporaryDirectory() as path:
-        save_fine_tuned(ft, Path(path))
-        # Tune persists the checkpoint to the sweep's storage before report returns.
-        tune.report(
-            {"stage": "fine-tuned", names.TIME_PER_EPOCH: ft.train.time_per_epoch_s},
-            checkpoint=tune.Checkpoint.from_directory(path),
-        )
-    return ft
+    checkpoints.report(ft, {"stage": "fine-tuned", names.TIME_PER_EPOCH: ft.train.time_per_epoch_s})
+    return ft, None

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distlap.bayes.posterior import build_posterior, fit_laplace, posterior_parameters
-from distlap.bayes.predictive import ViTSuffix, glm_predictive, nn_predictive
+from distlap.bayes.predictive import ViTSuffix, nn_predictive
 from distlap.config import LaplaceConfig
 from helpers import loader, lora_model
 
@@ -71,57 +71,17 @@ def test_zero_variance_subset_is_the_map():
         torch.testing.assert_close(probs, torch.softmax(model(x), -1))
 
 
-def test_glm_probit_matches_laplace_torch():
-    model, cfg = lora_model(), LaplaceConfig(hessian_structure="diag")
-    post = build_posterior(model, "lora", loader(), cfg, prior_precision=5.0, seed=0)
-    la = fit_laplace(model, posterior_parameters(model, "lora", True), loader(), cfg, prior_precision=5.0)
-    test = loader(n=12, seed=1)
-    ours, _ = glm_predictive(model, post, {"all": (0, 1, 2, 3)}, test, CPU, "probit", chunk=5)
-    x = torch.cat([b[0] for b in test])
-    theirs = la(x, pred_type="glm", link_approx="probit")
-    torch.testing.assert_close(ours["all"], theirs.float(), rtol=1e-4, atol=1e-5)
-
-
-def test_glm_mc_is_the_linearised_model_at_each_sample():
-    """softmax(f(theta*) + J delta) with J delta from a forward-mode JVP (an independent code path)."""
-    from torch.func import functional_call, jvp
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+def test_sampling_never_aliases_the_map():
+    """Samples are copied into the parameters' own storage: θ* stays what it was, and the parameters
+    are not views of the posterior's vectors afterwards (vector_to_parameters would make them so)."""
     model = lora_model()
-    post = build_posterior(
-        model,
-        "lora",
-        loader(),
-        LaplaceConfig(hessian_structure="kron", n_samples=3),
-        prior_precision=5.0,
-        seed=0,
-    )
-    blocks = (1, 2)
-    test = loader(n=6, seed=1)
-    ours, _ = glm_predictive(model, post, {"s": blocks}, test, CPU, "mc")
-    x = torch.cat([b[0] for b in test])
+    post = build_posterior(model, "lora", loader(), LaplaceConfig(n_samples=3), prior_precision=1.0, seed=0)
+    theta = post.theta_map.clone()
+    nn_predictive(model, post, (0, 1, 2, 3), loader(n=8), CPU)
+    assert torch.equal(post.theta_map, theta)
     named = dict(model.named_parameters())
-    names = [p.name for p in post.params]
-    masked = post.deltas * post.mask(blocks)
-    probs = 0
-    for delta in masked:
-        tangents = {p.name: delta[p.start : p.start + p.numel].view_as(named[p.name]) for p in post.params}
-        primals = {n: named[n].detach() for n in names}
-        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernel has no forward-mode AD
-            mu, jd = jvp(lambda ps: functional_call(model, ps, (x,)), (primals,), (tangents,))
-        probs = probs + torch.softmax(mu + jd, -1)
-    torch.testing.assert_close(ours["s"], probs / len(masked), rtol=1e-4, atol=1e-5)
-
-
-def test_probit_needs_diag():
-    model = lora_model()
-    post = build_posterior(
-        model,
-        "lora",
-        loader(),
-        LaplaceConfig(hessian_structure="kron", n_samples=2),
-        prior_precision=1.0,
-        seed=0,
-    )
-    with pytest.raises(ValueError, match="link_approx=probit needs laplace.hessian_structure=diag"):
-        glm_predictive(model, post, {"all": (0,)}, loader(n=4), CPU, "probit")
+    first = named[post.params[0].name]
+    assert first.data_ptr() != post.theta_map.data_ptr()
+    with torch.no_grad():
+        first.add_(1.0)
+    assert torch.equal(post.theta_map, theta)

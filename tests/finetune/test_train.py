@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -5,7 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from distlap import names
 from distlap.config import TrainConfig
-from distlap.finetune.train import fit_map, lr_lambda
+from distlap.finetune.train import GaussianPrior, fit_map, full_batch_gradients, lr_lambda, stationarity
 
 CPU = torch.device("cpu")
 
@@ -29,27 +31,99 @@ def test_fit_map_learns_and_records_history():
     assert result.time_per_epoch_s > 0
 
 
-def test_weight_decay_is_prior_precision_over_n():
-    """A parameter with zero data gradient only feels the prior: theta <- theta (1 - lr * lambda / N)."""
+def _prior(model, lam, n, means=None):
+    means = means or {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    return GaussianPrior(lam, means, n)
 
+
+def _objective(model, loader, prior):
+    """The negative log joint in one naive expression over the whole data set (the reference)."""
+    x, y = (torch.cat(t) for t in zip(*loader))
+    return torch.nn.functional.cross_entropy(model(x), y) + prior.penalty(model)
+
+
+def test_full_batch_gradients_equal_the_naive_objective():
+    torch.manual_seed(0)
+    model, loader = nn.Linear(4, 3), blobs()
+    prior = _prior(model, 7.0, 200, {"weight": torch.ones(3, 4), "bias": torch.zeros(3)})
+    value, nll, joint = full_batch_gradients(model, loader, prior, CPU)
+    reference = _objective(model, loader, prior)
+    grads = torch.autograd.grad(reference, list(model.parameters()))
+    torch.testing.assert_close(joint, torch.cat([g.reshape(-1) for g in grads]), rtol=1e-5, atol=1e-7)
+    assert value == pytest.approx(reference.item(), rel=1e-6)
+    assert (joint - nll).norm() > 0  # the prior is inside the gradient
+
+
+@pytest.mark.parametrize("lam", [1.0, 100.0])
+def test_map_is_stationary_for_the_stated_prior(lam):
+    """Adam, then L-BFGS: ||grad log joint|| <= 1e-2 ||grad NLL|| at theta*, and the optimum moved
+    with the prior (coupled: the penalty is in the gradient)."""
+    torch.manual_seed(0)
+    model, loader = nn.Linear(4, 3), blobs()
+    prior = _prior(model, lam, 200)
+    result = fit_map(model, loader, None, TrainConfig(epochs=2, lr=0.05), CPU, prior=prior)
+    assert result.status == "ok" and result.stationarity <= 1e-2 and result.lbfgs_steps >= 1
+    assert stationarity(model, loader, prior, CPU) == pytest.approx(result.stationarity)
+    grads = torch.autograd.grad(_objective(model, loader, prior), list(model.parameters()))
+    nll = torch.autograd.grad(_objective(model, loader, _prior(model, 1e-30, 200)), list(model.parameters()))
+    ratio = torch.cat([g.reshape(-1) for g in grads]).norm() / torch.cat([g.reshape(-1) for g in nll]).norm()
+    assert ratio.item() <= 1e-2
+
+
+def test_a_parameter_the_data_ignore_goes_to_its_prior_mean():
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
             self.head = nn.Linear(4, 3)
-            self.unused = nn.Parameter(torch.ones(5))
+            self.unused = nn.Parameter(torch.full((5,), 3.0))
 
         def forward(self, x):
             return self.head(x) + 0 * self.unused.sum()
 
-    model, lam = Model(), 50.0
-    cfg = TrainConfig(
-        epochs=1, lr=0.01, prior_precision=lam, lr_schedule="constant", warmup_fraction=0, max_grad_norm=None
+    torch.manual_seed(0)
+    model = Model()
+    means = {"head.weight": torch.zeros(3, 4), "head.bias": torch.zeros(3), "unused": torch.full((5,), 0.5)}
+    cfg = TrainConfig(epochs=1, stationarity_tol=1e-3)
+    result = fit_map(model, blobs(), None, cfg, CPU, prior=_prior(model, 50.0, 200, means))
+    assert result.stationarity <= 1e-3
+    torch.testing.assert_close(model.unused.detach(), torch.full((5,), 0.5), atol=1e-2, rtol=0)  # from 3.0
+
+
+def test_adam_alone_stops_far_from_the_mode():
+    """Why the L-BFGS phase exists: the scheduled epochs alone leave theta* far from stationary."""
+    torch.manual_seed(0)
+    model, loader = nn.Linear(4, 3), blobs()
+    prior = _prior(model, 100.0, 200)
+    result = fit_map(model, loader, None, TrainConfig(epochs=1, lr=0.01, converge=False), CPU, prior=prior)
+    assert result.lbfgs_steps == 0 and stationarity(model, loader, prior, CPU) > 0.1
+
+
+def test_resumed_training_gives_the_same_numbers():
+    """State after epoch 1 + the parameters then -> epochs 2-3 exactly as an uninterrupted run."""
+    cfg = TrainConfig(epochs=3, lr=0.05, converge=False)
+    shuffled = lambda: DataLoader(
+        blobs().dataset, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)
     )
-    loader = blobs(n=64)
-    fit_map(model, loader, None, cfg, CPU)
-    steps = len(loader)
-    expected = (1 - cfg.lr * lam / 64) ** steps
-    torch.testing.assert_close(model.unused.detach(), torch.full((5,), expected))
+    torch.manual_seed(0)
+    whole = nn.Linear(4, 3)
+    saved = {}
+    fit_map(
+        whole,
+        shuffled(),
+        None,
+        cfg,
+        CPU,
+        prior=_prior(whole, 5.0, 200),
+        on_epoch=lambda row, state: saved.setdefault(
+            row["epoch"], (state, copy.deepcopy(whole.state_dict()))
+        ),
+    )
+    state, params = saved[1]
+    part = nn.Linear(4, 3)
+    part.load_state_dict(params)
+    result = fit_map(part, shuffled(), None, cfg, CPU, prior=_prior(part, 5.0, 200), resume=state)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    torch.testing.assert_close(part.weight, whole.weight, rtol=0, atol=0)
 
 
 def test_non_finite_loss_fails_cleanly():

@@ -72,7 +72,7 @@ def test_trial_config_applies_searched_params():
             "search.points_to_evaluate=[{peft.rank: 0, train.prior_precision: 1}]",
             r"search\.points_to_evaluate\[0\]: peft\.rank",
         ),
-        ("resources.eval_tasks=2", None),  # valid: cpus_per_eval_task defaults to 1
+        ("resources.eval_tasks=2", r"resources\.eval_tasks: the glm predictive"),  # nn only
         ("resources.cpus_per_eval_task=0", None),  # valid while eval_tasks=0
         ("trial.peft.rank=-1", r"trial\.peft\.rank: .*greater than 0"),
         ("trial.output_dir=/tmp/t", r"trial\.output_dir: set the sweep's output_dir"),

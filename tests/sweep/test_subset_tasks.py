@@ -23,6 +23,8 @@ def trial(fake_fmnist_dir, tiny_vit_dir):
             "train.batch_size=32",
             "train.num_threads=1",
             "train.prior_precision=50",
+            "train.converge=false",
+            "laplace.predictive=nn",
             "laplace.fit_examples=64",
             "laplace.n_samples=4",
             "laplace.n_bootstrap=100",
@@ -35,13 +37,13 @@ def test_serial_and_ray_give_identical_numbers(trial):
     ray = pytest.importorskip("ray")
     from distlap.sweep.subset_tasks import ray_nn_evaluator
 
-    serial = layerwise(trial, **QUIET)
+    serial = layerwise(trial, **QUIET).result
     scoring = Scoring(trial.cfg.n_bins, trial.cfg.laplace.n_bootstrap, trial.cfg.seed)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         parallel = layerwise(
             trial, evaluate_nn=ray_nn_evaluator(trial, scoring, {"num_cpus": 1}, lambda m: None), **QUIET
-        )
+        ).result
     finally:
         ray.shutdown()
     assert list(parallel["subsets"]) == list(serial["subsets"])  # the subsets' order, not the finishing order

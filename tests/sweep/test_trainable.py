@@ -31,6 +31,7 @@ def _run_one(kind, tmp_path, fake_fmnist_dir, tiny_vit_dir, *overrides):
                 f"trial.backbone.name={tiny_vit_dir}",
                 "trial.data.classes=[5,6,7,8,9]",
                 "trial.train.epochs=1",
+                "trial.train.max_lbfgs_steps=5",
                 "trial.laplace.fit_examples=32",
                 "trial.laplace.n_samples=2",
                 "trial.laplace.n_bootstrap=20",
