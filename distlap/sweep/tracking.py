@@ -74,8 +74,19 @@ def provenance_tags(prov: dict) -> dict[str, str]:
     return tags
 
 
+def literal(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter: single-quoted, or double-quoted when it
+    holds a single quote (MLflow's filter grammar has no escapes, so one holding both is refused)."""
+    value = str(value)
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r}: MLflow cannot search for a name holding both ' and \"; rename it")
+
+
 def _find_run(client: _Client, experiment_id: str, tags: dict[str, str]) -> str | None:
-    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    query = " and ".join(f"tags.`{key}` = {literal(value)}" for key, value in tags.items())
     runs = client.search_runs([experiment_id], query, max_results=2)
     if len(runs) > 1:
         raise RuntimeError(f"MLflow holds several runs tagged {tags}; expected at most one")
@@ -180,9 +191,26 @@ class SweepTracker:
             client.update_run(run_id, status="SCHEDULED")
         return run_id
 
-    def adopt(self, run_id: str, ray_trial_id: str) -> None:
-        """Hand a run whose Ray trial was lost (driver killed) to the Ray trial that replaces it."""
-        _Client(self.uri).set_tag(run_id, TRIAL_TAG, ray_trial_id)
+    def discard(self, run_id: str) -> None:
+        """Delete a trial run and its subset runs (a trial that restarts afresh gets a new run)."""
+        client = _Client(self.uri)
+        query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = {literal(run_id)}"
+        for child in client.search_runs([self.experiment_id], query, max_results=1000):
+            client.delete_run(child.info.run_id)
+        client.delete_run(run_id)
+
+    def kill_unfinished(self) -> None:
+        """Trial and subset runs of this sweep still RUNNING or SCHEDULED (the sweep was interrupted)
+        become KILLED; ``--resume`` marks them RUNNING again when their trial restarts."""
+        client = _Client(self.uri)
+        query = f"tags.`{SWEEP_TAG}` = {literal(self.sweep_id)} and tags.`{KIND_TAG}` = 'trial'"
+        trials = [r.info.run_id for r in client.search_runs([self.experiment_id], query, max_results=10000)]
+        for run_id in trials:
+            child_query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = {literal(run_id)}"
+            children = client.search_runs([self.experiment_id], child_query, max_results=1000)
+            for run in [client.get_run(run_id), *children]:
+                if run.info.status in ("RUNNING", "SCHEDULED"):
+                    client.set_terminated(run.info.run_id, status="KILLED")
 
     def mark_failed(self, run_id: str, message: str) -> None:
         """FAILED with ``message``, unless the trial process already ended the run itself."""
