@@ -104,6 +104,9 @@ def variants(cfg: SweepConfig) -> list[Variant]:
 def check_inputs(cfg: SweepConfig, log=print) -> Inputs:
     """Load every distinct data set and backbone (with its PEFT method) of the sweep; ConfigError names
     the setting that brought in the one that failed."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the driver's terminal shows distlap's lines, not download bars
     splits, models, counts, inputs = {}, {}, {}, Inputs({}, {})
     for v in variants(cfg):
         data_key = json.dumps([v.trial.data.model_dump(), v.trial.seed])

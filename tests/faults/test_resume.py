@@ -60,10 +60,6 @@ def test_kill_9_mid_trial_then_resume_gives_n_distinct_configurations(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = time.monotonic()
-    while _alive(ray_processes) and time.monotonic() - killed_at < 120:
-        time.sleep(1)
-    assert not _alive(ray_processes), "Ray processes outlived the killed driver by 2 minutes"
-    print(f"Ray processes of the killed driver gone {time.monotonic() - killed_at:.0f} s after kill -9")
 
     second = sweep("--resume", "--output", str(out), env=STALE_RAY_STATE)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -79,3 +75,8 @@ def test_kill_9_mid_trial_then_resume_gives_n_distinct_configurations(tmp_path):
     report = json.loads((out / "report" / "analysis_summary.json").read_text())
     assert report["sweep"]  # the report was written from the complete sweep
     assert len(configs) == N
+    # Ray's processes of the killed driver: its trials died with it; its two agents (dashboard,
+    # runtime env) notice the dead raylet and exit about a minute later (README, "What survives what").
+    while _alive(ray_processes) and time.monotonic() - killed_at < 120:
+        time.sleep(1)
+    assert not _alive(ray_processes), "Ray processes outlived the killed driver by 2 minutes"
