@@ -136,7 +136,7 @@ def _open_tracker(cfg: SweepConfig) -> SweepTracker:
         cfg.tracking.experiment,
         cfg.search.study_name,
         run_name=cfg.name,
-        artifact_location=(cfg.out / "mlartifacts").as_uri() if local else None,
+        artifact_location=Path(cfg.tracking.artifacts or cfg.out / "mlartifacts").as_uri() if local else None,
         params=flatten(cfg.model_dump(mode="json", exclude={"trial"})),
         tags=provenance_tags(provenance()),
     )

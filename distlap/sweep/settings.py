@@ -75,10 +75,17 @@ class ResourcesConfig(_Strict):
 class TrackingConfig(_Strict):
     uri: str | None = Field(
         None,
-        description="MLflow tracking URI; None = sqlite:///<output_dir>/mlflow.db. On a cluster an "
-        "http:// tracking server every node reaches.",
+        description="MLflow tracking URI; None = sqlite:///<output_dir>/mlflow.db. On a cluster a "
+        "database every node reaches (postgresql+psycopg://USER@HOST/DB; the password in PGPASSFILE), "
+        "or an http:// tracking server.",
     )
     experiment: str = Field("distlap-layerwise", description="MLflow experiment holding the sweep runs.")
+    artifacts: str | None = Field(
+        None,
+        description="Folder of MLflow's artifacts (plots, summary.csv) when `uri` is a database (sqlite, "
+        "postgresql); fixed when the experiment is made. None = <output_dir>/mlartifacts; on a cluster a "
+        "folder every node sees. An http:// tracking server keeps its own.",
+    )
 
 
 class SweepConfig(_Strict):

@@ -115,8 +115,12 @@ def read_only(folder: Path):
         subprocess.run(["mount", "-o", "remount,bind,ro", folder, folder], check=True, capture_output=True)
         yield folder
     finally:
-        while subprocess.run(["umount", folder], capture_output=True).returncode:
-            time.sleep(0.5)  # busy while a process still has a file open there
+        for _ in range(20):  # busy while a process still has a file open there
+            if not subprocess.run(["umount", folder], capture_output=True).returncode:
+                break
+            time.sleep(0.5)
+        else:
+            subprocess.run(["umount", "-l", folder], capture_output=True)
 
 
 def _postgres_bin(name: str) -> str | None:
