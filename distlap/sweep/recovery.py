@@ -102,7 +102,14 @@ def failure_policy(cfg: SweepConfig) -> Iterator[None]:
 
 
 def _last_error(trial: Trial) -> BaseException | None:
+    """The exception Tune just recorded for ``trial``: its local error pickle (the copy in the sweep's
+    storage is only synced later), else the storage's copy."""
+    import cloudpickle
+
     try:
+        if trial.pickled_error_file and os.path.isfile(trial.pickled_error_file):
+            with open(trial.pickled_error_file, "rb") as f:
+                return cloudpickle.load(f)
         return trial.get_pickled_error() or trial.get_error()
     except Exception:  # noqa: BLE001 - an unreadable error file (e.g. a full disk) is no error class
         return None

@@ -30,6 +30,7 @@ class _RayTaskError(Exception):
 def _trial(error, failures=1):
     return SimpleNamespace(
         run_metadata=SimpleNamespace(num_failures=failures),
+        pickled_error_file=None,
         get_pickled_error=lambda: error,
         get_error=lambda: None,
     )
@@ -62,6 +63,19 @@ def test_deterministic_failures_are_not_retried_store_faults_do_not_count(tmp_pa
         should_recover(_trial(OSError(errno.ENOSPC, "No space left on device")))
         assert sigusr1 == [signal.SIGUSR1]  # the sweep is stopped once
     assert Trial.should_recover is not should_recover  # Ray's own again after the sweep
+
+
+def test_the_error_is_read_where_tune_just_wrote_it(tmp_path, sigusr1):
+    """Tune writes the error pickle into the trial's local folder; the sweep's storage gets it later."""
+    import cloudpickle
+
+    cfg = resolve(SweepConfig(output_dir=str(tmp_path)))
+    local = tmp_path / "error.pkl"
+    local.write_bytes(cloudpickle.dumps(_RayTaskError(OSError(errno.EROFS, "Read-only file system"))))
+    trial = _trial(None)
+    trial.pickled_error_file = str(local)
+    with recovery.failure_policy(cfg):
+        assert Trial.should_recover(trial) and recovery.first_fault().store == "output folder"
 
 
 def test_ray_still_asks_should_recover():
