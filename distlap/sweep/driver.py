@@ -119,8 +119,8 @@ def _sweep(cfg: SweepConfig, resume: bool, concurrency: int, log) -> pd.DataFram
         fault = recovery.first_fault()
         if fault is None and results.num_errors + results.num_terminated == len(results):
             recovery.reconcile(cfg)  # every Ray trial ended: no Optuna trial may stay RUNNING
-    except Exception as err:
-        fault = store_fault(err, cfg)
+    except Exception as err:  # while stopping for a fault, Tune trips over what the store lost
+        fault = recovery.first_fault() or store_fault(err, cfg)
         if fault is None:
             raise
     if fault is not None:
