@@ -71,7 +71,9 @@ def _parser(kind: str, default: Path, smoke: Path, description: str) -> argparse
     parser = argparse.ArgumentParser(prog=f"python sweeps/{kind}.py", description=description)
     parser.add_argument("--config", type=Path, help=f"sweep YAML (default: {default.name} beside the script)")
     parser.add_argument("--output", type=Path, help="output folder (default: runs/<name>-<timestamp>)")
-    parser.add_argument("--address", help="Ray cluster: ray://HOST:10001 or auto (default: a local Ray)")
+    parser.add_argument(
+        "--address", help="Ray cluster: auto (on a cluster node) or HEAD:6379 (default: a local Ray)"
+    )
     parser.add_argument(
         "--resume",
         action="store_true",

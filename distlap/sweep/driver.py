@@ -315,8 +315,10 @@ def _print_summary(cfg: SweepConfig, summary: pd.DataFrame, done: bool, log) -> 
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         log(summary[columns].to_string(index=False))
     log(f"[sweep] objective {cfg.search.metric} ({cfg.search.direction}); summary {cfg.out / SUMMARY_FILE}")
-    log(f"[sweep] mlflow ui --backend-store-uri {cfg.tracking.uri}")
-    log(f"[sweep] optuna trials --storage {cfg.search.storage} --study-name {cfg.search.study_name}")
+    log(f"[sweep] mlflow ui --backend-store-uri {shlex.quote(cfg.tracking.uri)}")
+    optuna_url = cfg.search.storage.replace("{", "{{").replace("}", "}}")  # Optuna formats its URL
+    study = shlex.quote(cfg.search.study_name)
+    log(f"[sweep] optuna trials --storage {shlex.quote(optuna_url)} --study-name {study}")
     if not done:
         log(
             f"[sweep] interrupted after {len(summary)} of {cfg.search.num_samples} trials started; "

@@ -157,3 +157,36 @@ def test_paths_that_cannot_be_urls_are_refused_by_name(tmp_path, capsys):
     both = tmp_path / 'it\'s "x"'
     _refused(["--smoke-test", f"--output={both}"], capsys, "holds both ' and \"")
     assert sorted(Path(tmp_path).iterdir()) == []
+
+
+def _saved_sweep(tmp_path) -> Path:
+    """A sweep folder as a fresh sweep leaves it before its first trial."""
+    from distlap.config import to_yaml
+    from distlap.sweep.settings import load_sweep_config, resolve
+
+    out = tmp_path / "saved"
+    out.mkdir()
+    cfg = resolve(load_sweep_config(CONFIGS / "smoke.yaml", [], {"output_dir": str(out)}))
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    return out
+
+
+def test_resume_takes_only_overrides_that_cannot_change_results(tmp_path, capsys):
+    from distlap.sweep.driver import load_saved
+
+    out = _saved_sweep(tmp_path)
+    cfg = load_saved(out, ["resources.cpus_per_trial=2", "max_failures=3"], {"address": "auto"})
+    assert (cfg.resources.cpus_per_trial, cfg.max_failures, cfg.address) == (2, 3, "auto")
+    for override, field in (
+        ("trial.train.epochs=5", "trial.train.epochs (the sweep ran with 1)"),
+        ("search.num_samples=9", "search.num_samples (the sweep ran with 2)"),
+        ("resources.max_concurrent=1", "resources.max_concurrent (the sweep ran with None)"),
+        ("tracking.uri=sqlite:////elsewhere.db", "tracking.uri"),
+    ):
+        _refused(["--resume", f"--output={out}", override], capsys, f"--resume cannot change {field}")
+
+
+def test_resume_refuses_a_folder_others_could_have_changed(tmp_path, capsys):
+    out = _saved_sweep(tmp_path)
+    (out / "config.yaml").chmod(0o666)
+    _refused(["--resume", f"--output={out}"], capsys, "config.yaml is writable by others")

@@ -48,7 +48,10 @@ def _alive(procs: set[tuple[int, str]]) -> set[tuple[int, str]]:
 
 
 def test_kill_9_mid_trial_then_resume_gives_n_distinct_configurations(tmp_path):
-    out, log = tmp_path / "k9", tmp_path / "first.log"
+    """The issue's first case: kill -9 of the driver while trials run, then --resume. Also: a second
+    driver on the running sweep is refused, and the folder's name holds ' ', '#', '{}', a quote and
+    a non-ASCII letter."""
+    out, log = tmp_path / "k9 #1 {a} it's ü", tmp_path / "first.log"  # any name a folder can have
     args = ["--smoke-test", "--output", str(out), f"search.num_samples={N}", "resources.max_concurrent=2"]
     proc = start(log, *args, env=STALE_RAY_STATE)
     # Kill once a trial has finished and the third one is fine-tuning (asked after the saved state).
@@ -56,6 +59,10 @@ def test_kill_9_mid_trial_then_resume_gives_n_distinct_configurations(tmp_path):
         proc, log, lambda t: len(set(ids(t, "stage: fine-tuning"))) >= 3 and ids(t, "stage: done")
     )
     done_before = set(ids(text, "stage: done"))
+    start_second = time.monotonic()
+    second_driver = sweep("--resume", "--output", str(out))  # one driver per sweep folder
+    assert second_driver.returncode == 2 and "in use by a running driver" in second_driver.stderr
+    assert time.monotonic() - start_second < 30
     ray_processes = _descendants(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
