@@ -190,3 +190,27 @@ def test_resume_refuses_a_folder_others_could_have_changed(tmp_path, capsys):
     out = _saved_sweep(tmp_path)
     (out / "config.yaml").chmod(0o666)
     _refused(["--resume", f"--output={out}"], capsys, "config.yaml is writable by others")
+
+
+def test_ctrl_c_is_honoured_while_a_store_does_not_answer(tmp_path):
+    """An MLflow server that accepts connections and never answers: Ctrl-C ends the wait at once
+    (exit 130, no traceback), and nothing has been written."""
+    from faults.harness import start, wait_for
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    out, log = tmp_path / "s", tmp_path / "log"
+    try:
+        uri = f"tracking.uri=http://127.0.0.1:{silent.getsockname()[1]}"
+        proc = start(log, "--smoke-test", "--output", str(out), uri)
+        wait_for(proc, log, lambda text: "[sweep] inputs checked" in text, timeout=120)
+        proc.send_signal(2)  # SIGINT, as Ctrl-C sends it
+        sent = time.monotonic()
+        assert proc.wait(timeout=30) == 130
+        assert time.monotonic() - sent < 10
+    finally:
+        silent.close()
+    text = log.read_text()
+    assert "Traceback" not in text and "interrupted" in text, text[-2000:]
+    assert not out.exists()
