@@ -117,7 +117,8 @@ def _sweep(cfg: SweepConfig, resume: bool, concurrency: int, log) -> pd.DataFram
         with recovery.failure_policy(cfg):
             results = _tuner(cfg, tracker, concurrency, resume).fit()
         fault = recovery.first_fault()
-        if fault is None and results.num_errors + results.num_terminated == len(results):
+        ended = all(r.error is not None or cfg.search.metric in (r.metrics or {}) for r in results)
+        if fault is None and ended:  # Tune calls interrupted trials TERMINATED too: check their results
             recovery.reconcile(cfg)  # every Ray trial ended: no Optuna trial may stay RUNNING
     except Exception as err:  # while stopping for a fault, Tune trips over what the store lost
         fault = recovery.first_fault() or store_fault(err, cfg)

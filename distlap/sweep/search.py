@@ -43,6 +43,10 @@ def distribution(param: SearchParam) -> BaseDistribution:
     return FloatDistribution(param.low, param.high, log=param.kind == "loguniform")
 
 
+# Trials that count towards num_samples: asked ones (points_to_evaluate wait in the study until asked).
+_ASKED = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+
+
 class TrialSeededTPE(optuna.samplers.BaseSampler):
     """Optuna's TPE with the random state of trial n a function of (``seed``, n) alone.
 
@@ -135,7 +139,7 @@ class StudySearch(OptunaSearch):
             self._ot_trials[trial_id] = optuna.Trial(self._ot_study, orphan._trial_id)
             params = dict(orphan.params)
             self._discard_run(orphan)
-        elif len(self._ot_study.get_trials(deepcopy=False)) >= self._num_samples:
+        elif len(self._ot_study.get_trials(deepcopy=False, states=_ASKED)) >= self._num_samples:
             return Searcher.FINISHED  # the study is complete (trials the restored Ray state never knew)
         else:
             params = super().suggest(trial_id)

@@ -89,3 +89,16 @@ def test_trial_seeded_tpe_draws_depend_on_the_trial_number_only():
     assert draws([0, 1, 2]) == draws([0, 1, 2])
     assert len(set(draws([0, 1, 2, 3]))) == 4
     assert draws([0]) != draws([0], seed=1)
+
+
+def test_points_to_evaluate_are_asked_first_and_count_once(tmp_path):
+    """Enqueued points wait in the study until asked: they do not fill num_samples before that."""
+    point = {"train.prior_precision": 10.0, "peft.rank": 4}
+    cfg = resolve(
+        SweepConfig(output_dir=str(tmp_path), search={"num_samples": 2, "points_to_evaluate": [point]})
+    )
+    tracker = SweepTracker.open(cfg.tracking.uri, "exp", cfg.search.study_name, run_name="s")
+    search = StudySearch(cfg.search, tracker)
+    first, second = search.suggest("a"), search.suggest("b")
+    assert _point(first) == tuple(sorted(point.items())) and _point(second) != _point(first)
+    assert search.suggest("c") == Searcher.FINISHED
