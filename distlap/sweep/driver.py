@@ -117,17 +117,17 @@ def _sweep(cfg: SweepConfig, resume: bool, concurrency: int, log) -> pd.DataFram
         with recovery.failure_policy(cfg):
             results = _tuner(cfg, tracker, concurrency, resume).fit()
         fault = recovery.first_fault()
-        ended = all(r.error is not None or cfg.search.metric in (r.metrics or {}) for r in results)
-        if fault is None and ended:  # Tune calls interrupted trials TERMINATED too: check their results
-            recovery.reconcile(cfg)  # every Ray trial ended: no Optuna trial may stay RUNNING
+        if fault is None:
+            ended = all(r.error is not None or cfg.search.metric in (r.metrics or {}) for r in results)
+            if ended:  # Tune calls interrupted trials TERMINATED too, hence the check of their results
+                recovery.reconcile(cfg)  # every Ray trial ended: no Optuna trial may stay RUNNING
+            return _finish(cfg, tracker, log)
     except Exception as err:  # while stopping for a fault, Tune trips over what the store lost
         fault = recovery.first_fault() or store_fault(err, cfg)
         if fault is None:
             raise
-    if fault is not None:
-        _stop_on_fault(cfg, tracker, fault)
-        raise fault
-    return _finish(cfg, tracker, log)
+    _stop_on_fault(cfg, tracker, fault)
+    raise fault
 
 
 def _open_tracker(cfg: SweepConfig) -> SweepTracker:

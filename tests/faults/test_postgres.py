@@ -29,10 +29,11 @@ def test_a_sweep_on_postgresql_keeps_every_trial_and_subset_run_across_a_resume(
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
 
-        second = sweep("--resume", "--output", str(out))
+        second = sweep("--resume", "--output", str(out), "max_failures=2")  # an override a resume takes
         assert second.returncode == 0, second.stderr[-3000:]
         check_exact(out, N)
         cfg = load_sweep_config(out / "config.yaml")
+        assert cfg.max_failures == 2  # the config continued is saved
         assert cfg.tracking.uri.startswith("postgresql") and cfg.search.storage.startswith("postgresql")
         assert not list(out.glob("*.db"))  # no SQLite beside it
         client = MlflowClient(cfg.tracking.uri)
