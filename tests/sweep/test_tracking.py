@@ -149,3 +149,22 @@ def test_concurrent_writers_lose_nothing(tracker):
     assert len(subsets) == n_trials * n_subsets
     assert all(len(r.data.metrics) == 14 for r in subsets)
     assert len(_runs(tracker, "trial")) == n_trials + len(extra)
+
+
+def test_a_sweep_named_with_a_quote_is_found_and_an_interrupted_one_is_killed(tmp_path):
+    """The sweep id (by default the output folder's name) goes into MLflow's search filters quoted
+    safely; interrupted trial and subset runs end KILLED, not RUNNING."""
+    from distlap.sweep.tracking import literal
+
+    assert (literal("a'b"), literal('a"b'), literal("ab")) == ('"a\'b"', "'a\"b'", "'ab'")
+    with pytest.raises(ValueError, match="both"):
+        literal("a'\"b")
+    tracker = SweepTracker.open(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", "it's #1", run_name="s")
+    assert SweepTracker.open(tracker.uri, "exp", "it's #1", run_name="s") == tracker
+    run_id = tracker.trial_run("t_1", run_name="trial-000", params={})
+    assert tracker.find_trial_run("t_1") == run_id
+    with TrialRun(tracker.uri, run_id) as run:
+        client = run.client
+        client.create_run(tracker.experiment_id, tags={MLFLOW_PARENT_RUN_ID: run_id, KIND_TAG: "subset"})
+        tracker.kill_unfinished()
+        assert {r.info.status for r in _runs(tracker, "trial") + _runs(tracker, "subset")} == {"KILLED"}
