@@ -123,6 +123,7 @@ def test_an_address_that_is_not_ray_fails_within_30_s(tmp_path, capsys):
     assert "run the driver on the head" in err
 
 
+@pytest.mark.slow
 def test_missing_data_corrupt_backbone_and_absurd_settings(tmp_path, capsys, tiny_vit_dir):
     out = tmp_path / "s"
     _refused(
@@ -192,6 +193,7 @@ def test_resume_refuses_a_folder_others_could_have_changed(tmp_path, capsys):
     _refused(["--resume", f"--output={out}"], capsys, "config.yaml is writable by others")
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_honoured_while_a_store_does_not_answer(tmp_path):
     """An MLflow server that accepts connections and never answers: Ctrl-C ends the wait at once
     (exit 130, no traceback), and nothing has been written."""

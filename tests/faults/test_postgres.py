@@ -15,6 +15,7 @@ from distlap.sweep.settings import load_sweep_config
 N = 3
 
 
+@pytest.mark.slow
 def test_a_sweep_on_postgresql_keeps_every_trial_and_subset_run_across_a_resume(tmp_path, monkeypatch):
     """Ctrl-C after the first trial, then --resume: every trial and subset run is in PostgreSQL, once."""
     with postgres_server() as (server, passfile):

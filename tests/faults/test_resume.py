@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from faults.harness import check_exact, ids, start, sweep, wait_for
 
 N = 4
@@ -47,6 +48,7 @@ def _alive(procs: set[tuple[int, str]]) -> set[tuple[int, str]]:
     return {(pid, t) for pid, t in procs if _started(pid) == t}
 
 
+@pytest.mark.slow
 def test_kill_9_mid_trial_then_resume_gives_n_distinct_configurations(tmp_path):
     """The issue's first case: kill -9 of the driver while trials run, then --resume. Also: a second
     driver on the running sweep is refused, and the folder's name holds ' ', '#', '{}', a quote and

@@ -58,6 +58,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_mlflow_server_dies_mid_sweep(tmp_path):
     """The tracking server goes away while the second trial runs: the sweep ends (measured: seconds,
     not the ~4 minutes of MLflow's default retries), then continues once the server is back."""
@@ -79,6 +80,7 @@ def test_mlflow_server_dies_mid_sweep(tmp_path):
         os.killpg(server.pid, 9)
 
 
+@pytest.mark.slow
 def test_output_disk_fills_mid_sweep(tmp_path):
     """The output folder's disk (which holds the SQLite stores too) fills up during the second trial."""
     disk = tmp_path / "disk"
@@ -101,6 +103,7 @@ def test_output_disk_fills_mid_sweep(tmp_path):
         subprocess.run(["umount", "-l", disk])
 
 
+@pytest.mark.slow
 def test_mlflow_store_turns_read_only_mid_sweep(tmp_path):
     store, out, log = tmp_path / "store", tmp_path / "sweep", tmp_path / "first.log"
     store.mkdir()
