@@ -94,11 +94,27 @@ def failure_policy(cfg: SweepConfig) -> Iterator[None]:
             return False
         return trial.run_metadata.num_failures <= cfg.max_failures
 
+    quiet = _StoreFaultFilter(cfg)
+    tune_log = logging.getLogger("ray.tune.execution.tune_controller")
     Trial.should_recover = should_recover
+    tune_log.addFilter(quiet)
     try:
         yield
     finally:
         Trial.should_recover = original
+        tune_log.removeFilter(quiet)
+
+
+class _StoreFaultFilter(logging.Filter):
+    """Tune logs a failed trial's whole traceback; for a store fault distlap prints one line instead."""
+
+    def __init__(self, cfg: SweepConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or store_fault(error, self.cfg) is None
 
 
 def _last_error(trial: Trial) -> BaseException | None:

@@ -111,3 +111,17 @@ def test_a_recorded_result_is_told_never_recomputed(tmp_path):
     done, lost = load_study(cfg.search).trials
     assert (done.state, done.value) == (optuna.trial.TrialState.COMPLETE, 0.25)
     assert lost.state == optuna.trial.TrialState.FAIL and "without a result" in lost.user_attrs[names.ERROR]
+
+
+def test_tune_logs_no_traceback_for_a_store_fault(tmp_path, caplog):
+    import logging
+
+    cfg = resolve(SweepConfig(output_dir=str(tmp_path)))
+    tune_log = logging.getLogger("ray.tune.execution.tune_controller")
+    with recovery.failure_policy(cfg), caplog.at_level(logging.ERROR):
+        for error in (OSError(errno.ENOSPC, "No space left on device"), RuntimeError("a bug")):
+            try:
+                raise _RayTaskError(error)
+            except _RayTaskError:
+                tune_log.exception("Trial task failed")
+    assert [r.exc_info[1].cause.args for r in caplog.records] == [("a bug",)]
