@@ -37,6 +37,8 @@ from distlap.sweep.tracking import TrialRun
 from distlap.sweep.trainable import TrialFailed
 
 DETERMINISTIC = (TrialFailed, ConfigError, DataError, BackboneError)
+# Where Ray Tune logs a failed trial's traceback, or a failed save of its state.
+_TUNE_LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state", "ray.tune.tune")
 _FAULTS: list[StoreError] = []
 
 
@@ -95,14 +97,15 @@ def failure_policy(cfg: SweepConfig) -> Iterator[None]:
         return trial.run_metadata.num_failures <= cfg.max_failures
 
     quiet = _StoreFaultFilter(cfg)
-    tune_log = logging.getLogger("ray.tune.execution.tune_controller")
     Trial.should_recover = should_recover
-    tune_log.addFilter(quiet)
+    for name in _TUNE_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
     try:
         yield
     finally:
         Trial.should_recover = original
-        tune_log.removeFilter(quiet)
+        for name in _TUNE_LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
 
 
 class _StoreFaultFilter(logging.Filter):

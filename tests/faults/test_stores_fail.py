@@ -28,6 +28,7 @@ def _stopped(proc, log: Path, since: float, store: str, out: Path, seconds: floa
     assert tail.startswith(f"error: the {store}") and " store (" in tail and "Traceback" not in tail, tail
     assert "finished trials are kept" in tail and f"--resume --output {out}" in tail, tail
     assert took < seconds, f"{took:.0f} s"
+    assert "Traceback" not in text  # not even Ray Tune's own log of the failed trial
     return took
 
 
