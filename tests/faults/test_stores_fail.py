@@ -33,11 +33,14 @@ def _stopped(proc, log: Path, since: float, store: str, out: Path, seconds: floa
 
 
 def _mlflow_server(db: Path, port: int) -> subprocess.Popen:
+    """A tracking server over ``db``, its artifacts beside it (never in the working directory)."""
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}"]
+        + ["--artifacts-destination", str(db.parent / "mlartifacts")]
         + ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        cwd=db.parent,
         start_new_session=True,
     )
     deadline = time.monotonic() + 90
