@@ -16,6 +16,7 @@ from pathlib import Path
 from distlap.config import ConfigError
 from distlap.names import CONFIG_FILE, STATUS
 from distlap.sweep.driver import SweepError, load_saved, run_sweep
+from distlap.sweep.progress import print_closing
 from distlap.sweep.settings import SweepConfig, load_sweep_config, resolve
 
 
@@ -44,10 +45,13 @@ def main(
         print(f"error: {err}", file=sys.stderr)
         return 2
     if len(summary) < cfg.search.num_samples or (summary[STATUS] == "unfinished").any():
+        print_closing(cfg)
         return 130  # interrupted: --resume continues it
     if not (summary[STATUS] == "ok").any():
+        print_closing(cfg)
         return 1
     _report(report, cfg.out)
+    print_closing(cfg)  # the last lines: where everything is, how to look at it
     return 0
 
 

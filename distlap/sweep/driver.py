@@ -22,6 +22,7 @@ from distlap import names
 from distlap.config import to_yaml
 from distlap.names import CONFIG_FILE, RAY_DIR, SUMMARY_FILE
 from distlap.provenance import provenance
+from distlap.sweep.progress import ProgressView, key_metrics, quiet_start
 from distlap.sweep.search import StudySearch
 from distlap.sweep.settings import SweepConfig, load_sweep_config, max_concurrent
 from distlap.sweep.study import summarize, summary_metrics
@@ -53,6 +54,7 @@ class SweepError(RuntimeError):
 def run_sweep(cfg: SweepConfig, *, resume: bool = False, log=print) -> pd.DataFrame:
     """Run (or with ``resume`` continue) the sweep ``cfg`` (resolved by ``settings.resolve``)."""
     _check_output(cfg, resume)
+    quiet_start(cfg.address)
     started_ray = _connect(cfg.address)
     try:
         if not resume:
@@ -72,6 +74,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, log=print) -> pd.DataFr
             params=flatten(cfg.model_dump(mode="json", exclude={"trial"})),
             tags=provenance_tags(provenance()),
         )
+        tracker.share_view(list(cfg.search.space), key_metrics(cfg))
         # Trials report once after fine-tuning (the checkpoint) without the objective, which only
         # exists after the Laplace stage; Tune would otherwise reject that report.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -177,7 +180,8 @@ def _tuner(cfg: SweepConfig, tracker: SweepTracker, concurrency: int, resume: bo
             name=cfg.name,
             storage_path=str(cfg.out / RAY_DIR),
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[_MarkFailedRuns(tracker)],
+            callbacks=[_MarkFailedRuns(tracker), ProgressView(cfg, concurrency)],
+            verbose=0,  # ProgressView prints the progress instead of Tune's tables
         ),
     )
 
@@ -223,8 +227,6 @@ def _print_summary(cfg: SweepConfig, summary: pd.DataFrame, done: bool, log) -> 
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         log(summary[columns].to_string(index=False))
     log(f"[sweep] objective {cfg.search.metric} ({cfg.search.direction}); summary {cfg.out / SUMMARY_FILE}")
-    log(f"[sweep] mlflow ui --backend-store-uri {cfg.tracking.uri}")
-    log(f"[sweep] optuna trials --storage {cfg.search.storage} --study-name {cfg.search.study_name}")
     if not done:
         log(
             f"[sweep] interrupted after {len(summary)} of {cfg.search.num_samples} trials started; "

@@ -14,6 +14,8 @@ additions:
 
 from __future__ import annotations
 
+import warnings
+
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
@@ -31,10 +33,18 @@ def distribution(param: SearchParam) -> BaseDistribution:
     return FloatDistribution(param.low, param.high, log=param.kind == "loguniform")
 
 
+class _Grid(optuna.samplers.GridSampler):
+    """The grid without its ``study.stop()`` after the last point: outside ``Study.optimize`` that only
+    raises (Ray logged it as a warning); the sweep's ``num_samples`` (the grid's size) ends it."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
 def sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
     """TPE, or a grid: Optuna trial n takes grid point n (a fixed order), so each point runs once."""
     if cfg.sampler == "grid":
-        return optuna.samplers.GridSampler({n: list(p.values) for n, p in cfg.space.items()}, seed=cfg.seed)
+        return _Grid({n: list(p.values) for n, p in cfg.space.items()}, seed=cfg.seed)
     return optuna.samplers.TPESampler(seed=cfg.seed)
 
 
@@ -62,6 +72,10 @@ class StudySearch(OptunaSearch):
             storage=storage(cfg.storage),
         )
         self._tracker = tracker
+        # The dashboard then names the objective (not "Objective 0"); the call is "experimental".
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._ot_study.set_metric_names([cfg.metric])
 
     def suggest(self, trial_id: str) -> dict | None:
         orphan = self._orphan()
