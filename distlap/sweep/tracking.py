@@ -37,12 +37,13 @@ _BATCH = 100  # MLflow accepts at most 100 params or tags per log_batch
 EXPERIMENT_KIND, TRAINING = "mlflow.experimentKind", "custom_model_development"
 SHARED_VIEW = "mlflow.sharedViewState."
 EXPERIMENT_NOTE = (
-    "distlap sweeps. Each sweep is one run (params: the sweep config; metrics: sweep/* and best/*; "
-    "artifacts: summary.csv, config.yaml, report/), with a child run per trial (trial-000, ...: the searched "
-    "and all other trial settings, per-epoch curves epoch/*, final metrics, layer_wise_results.json, "
-    "plots/reliability_map.png) and, under each trial, a run per layer subset (trial-000/layer_0, ...: "
-    "subset/* metrics and the subset's reliability diagram). Every run's description lists its metrics "
-    "with their meaning. The sweep prints the URL of a view that shows them all at once."
+    "distlap sweeps. Each sweep is one run (params: the sweep config; metrics: `sweep/...` and "
+    "`best/...`; artifacts: `summary.csv`, `config.yaml`, `report/`), with a child run per trial "
+    "(`trial-000`, ...: the searched and all other trial settings, per-epoch curves `epoch/...`, final "
+    "metrics, `layer_wise_results.json`, `plots/reliability_map.png`) and, under each trial, a run per "
+    "layer subset (`trial-000/layer_0`, ...: `subset/...` metrics and the subset's reliability diagram). "
+    "Every run's description lists its metrics with their meaning. The sweep prints the URL of a view "
+    "of the runs table that shows them all at once."
 )
 
 
@@ -292,12 +293,12 @@ class TrialRun:
         ``<trial run>/<subset>``: metrics, their meanings, the subset's reliability diagram); the MAP's
         reliability diagram goes to the trial run under ``plots/``."""
         trial = self.client.get_run(self.run_id)
-        ray_trial_id = trial.data.tags.get(TRIAL_TAG, "")
+        ray_trial_id, sweep = trial.data.tags.get(TRIAL_TAG, ""), trial.data.tags.get(SWEEP_TAG, "")
         order = trial.data.tags.get(ORDER_TAG, trial.info.run_name)
         run_ids = {}
         for i, (name, row) in enumerate(result["subsets"].items()):
             key = {MLFLOW_PARENT_RUN_ID: self.run_id, KIND_TAG: "subset", SUBSET_TAG: name}
-            tags = {TRIAL_TAG: ray_trial_id, ORDER_TAG: f"{order}/{i:03d}"}
+            tags = {TRIAL_TAG: ray_trial_id, ORDER_TAG: f"{order}/{i:03d}", SWEEP_TAG: sweep}
             run_id, _ = _find_or_create(
                 self.client, self.experiment_id, key, run_name=f"{trial.info.run_name}/{name}", tags=tags
             )

@@ -193,6 +193,7 @@ def test_the_ui_sees_a_model_training_experiment_and_the_runs_as_a_tree(tracker,
         "sweep-1/trial-000/000",
         "sweep-1/trial-000/001",
     ]
+    assert {r.data.tags["distlap.sweep"] for r in order} == {"sweep-1"}  # the view's filter finds them all
     note = runs[run_id].data.tags[MLFLOW_RUN_NOTE]
     assert "| `time_per_epoch_s` | fine-tuning time per epoch [s] (lower is better) |" in note
     assert "| `epoch/time_s` | time of the epoch [s] (lower is better) |" in note
