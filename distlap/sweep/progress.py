@@ -183,8 +183,8 @@ class ProgressView(tune.Callback):
             self._status(trials)
 
     def on_experiment_end(self, trials, **info) -> None:
-        finished = {t.trial_id for t in trials if t.status == "TERMINATED"}
-        self._drain(finished)
+        # only trials that completed in this run: a resumed sweep's earlier trials print nothing now
+        self._drain({tid for tid, status in self._ended.items() if status == "TERMINATED"})
         self._detach()
         self._status(trials, if_changed=True)
 

@@ -134,3 +134,18 @@ def test_key_metrics_and_quiet_start(tmp_path, monkeypatch):
 
     assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"
     assert logging.getLogger("ray._private.authentication.authentication_token_setup").level == logging.ERROR
+
+
+def test_the_end_waits_for_the_last_lines_of_trials_finished_in_this_run(tmp_path):
+    import time
+
+    view = ProgressView(_cfg(tmp_path), concurrency=2, log=lambda line: None)
+    view._previous_printer = print  # as if attached to Ray's printer
+    view._ended = {"a": "TERMINATED", "b": "ERROR"}
+    view._done_lines, view._last_line = {"a"}, time.monotonic() - 1
+    start = time.monotonic()
+    view._drain({"a"}, timeout_s=5)
+    assert time.monotonic() - start < 1  # its done line came: no wait
+    start = time.monotonic()
+    view._drain({"a", "c"}, timeout_s=0.5)  # c's never comes: wait no longer than the timeout
+    assert 0.4 < time.monotonic() - start < 2
