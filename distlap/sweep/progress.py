@@ -141,6 +141,7 @@ class ProgressView(tune.Callback):
         self._start = self._last_status = time.monotonic()
         self._started: dict[str, float] = {}
         self._ended: dict[str, str] = {}  # trial id -> TERMINATED | ERROR, before Tune itself says so
+        self._where: dict[str, tuple] = {}  # trial id -> (pid, ip) of the process its lines come from
         self._done_lines: set[str] = set()
         self._last_line = time.monotonic()
         self._previous_printer: Callable | None = None
@@ -271,6 +272,7 @@ class ProgressView(tune.Callback):
         for line in lines:
             match = _TRIAL_LINE.match(line)
             if match:
+                self._origin(match["trial"], data, stream)
                 text = match["text"]
                 if text.startswith(_DONE):
                     self._done_lines.add(match["trial"])
@@ -279,6 +281,13 @@ class ProgressView(tune.Callback):
                 self._say(line, stream)
             elif line.strip() and not line.startswith(_DROPPED):
                 self._say(f"({data.get('task_name') or 'worker'}, pid {data.get('pid')}) {line}", stream)
+
+    def _origin(self, trial: str, data: dict, stream) -> None:
+        """``[<trial>] runs in pid N on IP``, once per trial process (again after a retry elsewhere)."""
+        where = (data.get("pid"), data.get("ip"))
+        if self._where.get(trial) != where:
+            self._where[trial] = where
+            self._say(f"[{trial}] runs in pid {where[0]} on {where[1]}", stream)
 
     def _drain(self, finished: set[str], timeout_s: float = 10.0, quiet_s: float = 0.5) -> None:
         """Wait (at most ``timeout_s``) for the last lines of the ``finished`` trials, then for a moment

@@ -71,7 +71,14 @@ def test_status_line_counts_states_best_and_time_left(tmp_path):
 def test_trial_lines_are_all_printed_without_ray_noise(tmp_path, capsys):
     view = ProgressView(_cfg(tmp_path), concurrency=2)
     subset = "[a03eb0d7] [distlap]     layer_0: test ECE 0.0368, delta_ece +0.0280 [-0.0412, +0.0936]"
-    view.worker_lines({"pid": 7, "is_err": False, "lines": [subset, subset, "[a03eb0d7] stage: done, x = 1"]})
+    view.worker_lines(
+        {
+            "pid": 7,
+            "ip": "10.0.0.2",
+            "is_err": False,
+            "lines": [subset, subset, "[a03eb0d7] stage: done, x = 1"],
+        }
+    )
     view.worker_lines(
         {"pid": 7, "is_err": False, "lines": ["Checkpoint successfully created at: Checkpoint(...)"]}
     )
@@ -83,6 +90,7 @@ def test_trial_lines_are_all_printed_without_ray_noise(tmp_path, capsys):
     )
     out, err = capsys.readouterr()
     assert out.splitlines() == [
+        "[a03eb0d7] runs in pid 7 on 10.0.0.2",  # once per trial process, for a cluster's user
         "[a03eb0d7]     layer_0: test ECE 0.0368, delta_ece +0.0280 [-0.0412, +0.0936]",
         "[a03eb0d7]     layer_0: test ECE 0.0368, delta_ece +0.0280 [-0.0412, +0.0936]",  # not deduplicated
         "[a03eb0d7] stage: done, x = 1",
