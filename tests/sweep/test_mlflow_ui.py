@@ -15,6 +15,7 @@ installs it); without them the test is skipped and says why.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -125,6 +126,9 @@ def served(tmp_path_factory):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+        time.sleep(2)
+        with contextlib.suppress(ProcessLookupError):  # its job consumers, should any linger
+            os.killpg(server.pid, signal.SIGKILL)
 
 
 def _wait_for(url: str, server: subprocess.Popen, timeout_s: float = 180) -> None:
