@@ -203,5 +203,7 @@ def test_stacked_scores_are_the_scalar_metrics_of_each_row():
     scores = M.stacked_scores(probs, labels, n_bins=10)
     for s in range(4):
         assert scores["ece"][s].item() == M.expected_calibration_error(probs[s], labels, 10)
-        assert scores["nll"][s].item() == pytest.approx(M.negative_log_likelihood(probs[s], labels), abs=1e-12)
+        assert scores["nll"][s].item() == pytest.approx(
+            M.negative_log_likelihood(probs[s], labels), abs=1e-12
+        )
         assert scores["accuracy"][s].item() == M.accuracy(probs[s], labels)

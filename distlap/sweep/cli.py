@@ -19,6 +19,7 @@ from distlap.config import ConfigError
 from distlap.names import CONFIG_FILE, STATUS
 from distlap.sweep.driver import SweepError, load_saved, resume_command, run_sweep
 from distlap.sweep.lock import LockError
+from distlap.sweep.progress import print_closing
 from distlap.sweep.settings import SweepConfig, load_sweep_config, resolve
 from distlap.sweep.stores import StoreError
 
@@ -60,10 +61,13 @@ def main(
         )
         return 130
     if len(summary) < cfg.search.num_samples or (summary[STATUS] == "unfinished").any():
+        print_closing(cfg)
         return 130  # interrupted: --resume continues it
     if not (summary[STATUS] == "ok").any():
+        print_closing(cfg)
         return 1
     _report(report, cfg.out)
+    print_closing(cfg)  # the last lines: where everything is, how to look at it
     return 0
 
 

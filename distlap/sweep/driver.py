@@ -26,6 +26,7 @@ from distlap.names import CONFIG_FILE, RAY_DIR, SUMMARY_FILE
 from distlap.provenance import provenance
 from distlap.sweep import preflight, recovery
 from distlap.sweep.lock import SweepLock, check_owned
+from distlap.sweep.progress import ProgressView, key_metrics, quiet_start
 from distlap.sweep.search import StudySearch
 from distlap.sweep.settings import SweepConfig, load_sweep_config, max_concurrent
 from distlap.sweep.stores import StoreError, check_stores, client_env, store_fault
@@ -66,6 +67,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, log=print) -> pd.DataFr
     raises :class:`~distlap.sweep.stores.StoreError` once the sweep has stopped (results kept)."""
     recovery.reset()
     _check_output(cfg, resume)
+    quiet_start(cfg.address)  # before the stores are opened and Ray starts: only messages one can act on
     with contextlib.ExitStack() as stack:
         if resume:
             check_owned(cfg.out)
@@ -110,6 +112,7 @@ def _sweep(cfg: SweepConfig, resume: bool, concurrency: int, log) -> pd.DataFram
     tracker = None
     try:
         tracker = _open_tracker(cfg)
+        tracker.share_view(list(cfg.search.space), key_metrics(cfg))
         # Trials report once after fine-tuning (the checkpoint) without the objective, which only
         # exists after the Laplace stage; Tune would otherwise reject that report.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -266,7 +269,8 @@ def _tuner(cfg: SweepConfig, tracker: SweepTracker, concurrency: int, resume: bo
             storage_path=str(cfg.out / RAY_DIR),
             # distlap decides retries (recovery.failure_policy); this is Ray's fallback.
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[_MarkFailedRuns(cfg, tracker)],
+            callbacks=[_MarkFailedRuns(cfg, tracker), ProgressView(cfg, concurrency)],
+            verbose=0,  # ProgressView prints the progress instead of Tune's tables
         ),
     )
 
@@ -316,10 +320,6 @@ def _print_summary(cfg: SweepConfig, summary: pd.DataFrame, done: bool, log) -> 
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         log(summary[columns].to_string(index=False))
     log(f"[sweep] objective {cfg.search.metric} ({cfg.search.direction}); summary {cfg.out / SUMMARY_FILE}")
-    log(f"[sweep] mlflow ui --backend-store-uri {shlex.quote(cfg.tracking.uri)}")
-    optuna_url = cfg.search.storage.replace("{", "{{").replace("}", "}}")  # Optuna formats its URL
-    study = shlex.quote(cfg.search.study_name)
-    log(f"[sweep] optuna trials --storage {shlex.quote(optuna_url)} --study-name {study}")
     if not done:
         log(
             f"[sweep] interrupted after {len(summary)} of {cfg.search.num_samples} trials started; "

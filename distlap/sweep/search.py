@@ -21,6 +21,7 @@ so a resumed sweep ran one configuration twice. Trial numbers are never reused, 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -84,11 +85,19 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
         """Nothing: each trial's draws are fixed by (seed, trial number) by design."""
 
 
+class _Grid(optuna.samplers.GridSampler):
+    """The grid without its ``study.stop()`` after the last point: outside ``Study.optimize`` that only
+    raises (Ray logged it as a warning); the sweep's ``num_samples`` (the grid's size) ends it."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
 def sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
     """TPE seeded per trial, or a grid: Optuna trial n takes grid point n (a fixed order), so each point
     runs once."""
     if cfg.sampler == "grid":
-        return optuna.samplers.GridSampler({n: list(p.values) for n, p in cfg.space.items()}, seed=cfg.seed)
+        return _Grid({n: list(p.values) for n, p in cfg.space.items()}, seed=cfg.seed)
     return TrialSeededTPE(cfg.seed)
 
 
@@ -123,6 +132,10 @@ class StudySearch(OptunaSearch):
         self._tracker = tracker
         self._num_samples = cfg.num_samples
         self._on_fault = on_fault  # True: a store failed and the sweep is stopping (picklable)
+        # The dashboard then names the objective (not "Objective 0"); the call is "experimental".
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._ot_study.set_metric_names([cfg.metric])
 
     def suggest(self, trial_id: str) -> dict | str | None:
         """The next configuration (an orphan's, or Optuna's), None while the sweep stops on a store fault."""

@@ -6,8 +6,9 @@ from mlflow import MlflowClient
 from ray.tune.search import Searcher
 
 from distlap.names import ERROR, RUN_ID, TRIAL_TAG
-from distlap.sweep.search import StudySearch, TrialSeededTPE
+from distlap.sweep.search import StudySearch, TrialSeededTPE, sampler
 from distlap.sweep.settings import SweepConfig, resolve
+from distlap.sweep.space import SearchConfig
 from distlap.sweep.study import load_study
 from distlap.sweep.tracking import SweepTracker, TrialRun
 
@@ -45,6 +46,7 @@ def test_study_search_tags_trials_and_adopts_orphans(tmp_path):
     states = [(t.state, t.value) for t in load_study(cfg.search).trials]
     assert states == [(optuna.trial.TrialState.COMPLETE, 0.5), (optuna.trial.TrialState.FAIL, None)]
     assert load_study(cfg.search).trials[1].user_attrs[ERROR] == "RuntimeError: non-finite training loss"
+    assert load_study(cfg.search).metric_names == [cfg.search.metric]  # the dashboard's objective name
 
 
 def _point(suggestion: dict) -> tuple:
@@ -102,3 +104,15 @@ def test_points_to_evaluate_are_asked_first_and_count_once(tmp_path):
     first, second = search.suggest("a"), search.suggest("b")
     assert _point(first) == tuple(sorted(point.items())) and _point(second) != _point(first)
     assert search.suggest("c") == Searcher.FINISHED
+
+
+def test_grid_ends_without_a_study_stop_warning(recwarn):
+    """Optuna's GridSampler calls study.stop() after the last point, which outside Study.optimize only
+    raises (Ray logged it as a warning); the sweep's own grid ends on num_samples instead."""
+    space = SearchConfig(sampler="grid", space={"peft.rank": {"kind": "choice", "values": [2, 4]}})
+    study = optuna.create_study(sampler=sampler(space))
+    for _ in range(2):
+        trial = study.ask()
+        trial.suggest_categorical("peft.rank", [2, 4])
+        study.tell(trial, 1.0)  # raised RuntimeError("`Study.stop` is supposed to be invoked ...") at the end
+    assert sorted(t.params["peft.rank"] for t in study.trials) == [2, 4]
