@@ -60,15 +60,21 @@ def main(
             file=sys.stderr,
         )
         return 130
+    return _ended(cfg, summary, report)
+
+
+def _ended(cfg: SweepConfig, summary, report: Callable[[Path], object]) -> int:
+    """The exit code of a sweep that returned its summary; the report if any trial is ok; then the
+    closing lines, the last ones printed: where everything is, how to look at it."""
     if len(summary) < cfg.search.num_samples or (summary[STATUS] == "unfinished").any():
-        print_closing(cfg)
-        return 130  # interrupted: --resume continues it
-    if not (summary[STATUS] == "ok").any():
-        print_closing(cfg)
-        return 1
-    _report(report, cfg.out)
-    print_closing(cfg)  # the last lines: where everything is, how to look at it
-    return 0
+        code = 130  # interrupted: --resume continues it
+    elif not (summary[STATUS] == "ok").any():
+        code = 1
+    else:
+        _report(report, cfg.out)
+        code = 0
+    print_closing(cfg)
+    return code
 
 
 def _parser(kind: str, default: Path, smoke: Path, description: str) -> argparse.ArgumentParser:
