@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import sys
 import threading
 import time
@@ -33,7 +34,7 @@ from ray._private.worker import filter_autoscaler_events
 
 from distlap import names
 from distlap.sweep.settings import SweepConfig
-from distlap.sweep.tracking import experiment_id
+from distlap.sweep.tracking import experiment_id, view_key
 
 _RAY_PRINTER = "ray_print_logs"  # the name Ray registers its log printer under (ray._private.worker)
 _TRIAL_LINE = re.compile(r"^\[(?P<trial>[0-9A-Za-z_]+)\] (?:\[distlap\] )?(?P<text>.*)$")
@@ -353,22 +354,23 @@ def closing_lines(cfg: SweepConfig, experiment_id: str | None) -> list[str]:
     """Where everything is and the exact commands to look at it (the sweep's last lines)."""
     lines = [f"[sweep] everything is in {cfg.out}:"]
     lines += [f"          {name:<14} {what}" for name, what in _outputs(cfg)]
-    uri, storage = cfg.tracking.uri, cfg.search.storage
+    uri, study = cfg.tracking.uri, cfg.search.study_name
+    # Commands are quoted for a shell (a folder may be named "k9 #1 {a} it's"); Optuna runs str.format
+    # on a storage URL (distlap.sweep.study.storage), so its braces are doubled.
+    storage = shlex.quote(cfg.search.storage.replace("{", "{{").replace("}", "}}"))
     if uri.startswith(("http://", "https://")):
-        lines.append(
-            f"[sweep] MLflow: open {runs_url(uri.rstrip('/'), experiment_id, cfg.search.study_name)}"
-        )
+        lines.append(f"[sweep] MLflow: open {runs_url(uri.rstrip('/'), experiment_id, view_key(study))}")
     else:
         base = f"http://127.0.0.1:{MLFLOW_PORT}"
         lines += [
-            f"[sweep] MLflow:  mlflow ui --backend-store-uri {uri}",
-            f"           then open {runs_url(base, experiment_id, cfg.search.study_name)}",
+            f"[sweep] MLflow:  mlflow ui --backend-store-uri {shlex.quote(uri)}",
+            f"           then open {runs_url(base, experiment_id, view_key(study))}",
         ]
     lines += [
         f"[sweep] Optuna:  optuna-dashboard {storage}",
-        f"           then open http://127.0.0.1:{DASHBOARD_PORT}/ (study {cfg.search.study_name!r})",
-        f"[sweep]          optuna trials --storage {storage} --study-name {cfg.search.study_name}",
-        f"[sweep] report:  python {REPORTS[cfg.kind]} {cfg.out}",
+        f"           then open http://127.0.0.1:{DASHBOARD_PORT}/ (study {study!r})",
+        f"[sweep]          optuna trials --storage {storage} --study-name {shlex.quote(study)}",
+        f"[sweep] report:  python {REPORTS[cfg.kind]} {shlex.quote(str(cfg.out))}",
     ]
     return lines
 

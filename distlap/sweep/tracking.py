@@ -17,7 +17,9 @@ the searched settings and key metrics as columns) that :func:`distlap.sweep.prog
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -104,6 +106,14 @@ def literal(value: str) -> str:
     if '"' not in value:
         return f'"{value}"'
     raise ValueError(f"{value!r}: MLflow cannot search for a name holding both ' and \"; rename it")
+
+
+def view_key(sweep_id: str) -> str:
+    """The key of a sweep's shared view (the tag ``SHARED_VIEW + key``, ``?viewStateShareKey=key``): the
+    sweep id if it is plain, else its letters, digits and ``_.-`` plus a hash of it (MLflow refuses a
+    tag name holding ``#``, ``{``, a quote, ...; a sweep id is any folder's name)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", sweep_id)
+    return safe if safe == sweep_id else f"{safe}-{hashlib.sha1(sweep_id.encode()).hexdigest()[:8]}"
 
 
 def _find_run(client: _Client, experiment_id: str, tags: dict[str, str]) -> str | None:
@@ -194,7 +204,8 @@ class SweepTracker:
         return cls(uri, experiment_id, run_id, sweep_id)
 
     def share_view(self, params: list[str], metrics: list[str]) -> str:
-        """Save the runs table's view of this sweep as a shared view; returns its key (the sweep id).
+        """Save the runs table's view of this sweep as a shared view; returns its key
+        (:func:`view_key` of the sweep id).
 
         The view (opened by ``?viewStateShareKey=KEY``) shows only this sweep's runs, sorted by
         ``distlap.order`` (a sort that is not by date lists child runs beside their parent instead of
@@ -202,15 +213,14 @@ class SweepTracker:
         """
         columns = [f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in metrics]
         view = {
-            "searchFilter": f"tags.`{SWEEP_TAG}` = '{self.sweep_id}'",
+            "searchFilter": f"tags.`{SWEEP_TAG}` = {literal(self.sweep_id)}",
             "orderByKey": f"tags.`{ORDER_TAG}`",
             "orderByAsc": True,
             "selectedColumns": ["attributes.`Duration`", *columns],
         }
-        _Client(self.uri).set_experiment_tag(
-            self.experiment_id, SHARED_VIEW + self.sweep_id, json.dumps(view)
-        )
-        return self.sweep_id
+        key = view_key(self.sweep_id)
+        _Client(self.uri).set_experiment_tag(self.experiment_id, SHARED_VIEW + key, json.dumps(view))
+        return key
 
     def _key(self, ray_trial_id: str) -> dict[str, str]:
         return {SWEEP_TAG: self.sweep_id, KIND_TAG: "trial", TRIAL_TAG: ray_trial_id}

@@ -33,7 +33,7 @@ from distlap import names
 from distlap.names import KIND_TAG, ORDER_TAG
 from distlap.sweep.progress import runs_url
 from distlap.sweep.settings import load_sweep_config
-from distlap.sweep.tracking import SweepTracker, TrialRun, experiment_id
+from distlap.sweep.tracking import SweepTracker, TrialRun, experiment_id, view_key
 
 CHROMIUM = os.environ.get("DISTLAP_CHROMIUM", "/usr/bin/chromium")
 FLAGS = [
@@ -169,7 +169,7 @@ def test_the_printed_url_opens_the_runs_table_with_the_whole_tree_and_key_metric
     base, uri, sweep, experiment = served
     runs = _runs_in_order(uri, experiment, sweep)
     page = browser.new_page(viewport={"width": 1400, "height": 860})
-    page.goto(runs_url(base, experiment, sweep))
+    page.goto(runs_url(base, experiment, view_key(sweep)))
     last = runs[-1].info.run_name
     page.get_by_role("link", name=last, exact=True).wait_for(timeout=120_000)  # the last subset, unfolded
     assert "workflowType=machine_learning" in page.url
@@ -196,7 +196,7 @@ def test_trial_and_subset_pages_describe_their_metrics_and_hold_their_plots(serv
     context = browser.new_context(viewport={"width": 1400, "height": 860})
     context.add_init_script(f"localStorage.setItem('{WORKFLOW_KEY}', '\"machine_learning\"')")
     page = context.new_page()
-    page.goto(runs_url(base, experiment, sweep))
+    page.goto(runs_url(base, experiment, view_key(sweep)))
     close = page.get_by_role("button", name="Close")  # the MLflow Assistant, as above
     close.first.wait_for(timeout=120_000)
     close.first.click()

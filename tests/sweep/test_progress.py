@@ -18,6 +18,7 @@ from distlap.sweep.progress import (
     time_left,
 )
 from distlap.sweep.settings import SweepConfig, resolve
+from distlap.sweep.tracking import view_key
 
 DELTA = names.delta("bayes", "test", "ece")
 LOW, HIGH = names.interval(DELTA)
@@ -129,6 +130,25 @@ def test_closing_lines_print_the_three_commands(tmp_path):
     )
     assert text.endswith(f"python analysis/peft_methods.py {peft.out}")
     assert runs_url("http://h", None, "s") == "http://h/#/experiments?workflowType=machine_learning"
+
+
+def test_closing_commands_are_quoted_for_a_shell(tmp_path):
+    """A folder may be named anything (tests/faults: "k9 #1 {a} it's ü"); the printed commands still
+    run as printed: shell-quoted, and the Optuna URL's braces doubled (Optuna str.formats it)."""
+    import shlex
+
+    cfg = resolve(SweepConfig(output_dir=str(tmp_path / "k9 #1 {a} it's ü"), search={"num_samples": 2}))
+    lines = closing_lines(cfg, "1")
+    optuna_trials = next(line for line in lines if "optuna trials" in line)
+    argv = shlex.split(optuna_trials.split("]", 1)[1])
+    assert argv[:2] == ["optuna", "trials"]
+    assert argv[3] == cfg.search.storage.replace("{", "{{").replace("}", "}}")
+    assert argv[5] == cfg.search.study_name == "k9 #1 {a} it's ü"
+    mlflow = next(line for line in lines if "mlflow ui" in line)
+    assert shlex.split(mlflow.split("MLflow:", 1)[1])[-1] == cfg.tracking.uri
+    report = next(line for line in lines if "report:" in line)
+    assert shlex.split(report.split("report:", 1)[1]) == ["python", "analysis/report.py", str(cfg.out)]
+    assert f"viewStateShareKey={view_key(cfg.search.study_name)}&" in "\n".join(lines)  # share_view's key
 
 
 def test_key_metrics_and_quiet_start(tmp_path, monkeypatch):

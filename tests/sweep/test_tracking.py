@@ -168,6 +168,18 @@ def test_a_sweep_named_with_a_quote_is_found_and_an_interrupted_one_is_killed(tm
         client.create_run(tracker.experiment_id, tags={MLFLOW_PARENT_RUN_ID: run_id, KIND_TAG: "subset"})
         tracker.kill_unfinished()
         assert {r.info.status for r in _runs(tracker, "trial") + _runs(tracker, "subset")} == {"KILLED"}
+    # the runs table's shared view filters on the same quoted id, and finds the sweep's runs
+    import json
+
+    from distlap.sweep.tracking import SHARED_VIEW, view_key
+
+    key = tracker.share_view([], [])  # MLflow refuses the sweep id itself in a tag name
+    assert (
+        key == view_key("it's #1") == "it_s__1-" + key.rsplit("-", 1)[1] and view_key("a-1.b_c") == "a-1.b_c"
+    )
+    view = json.loads(MlflowClient(tracker.uri).get_experiment(tracker.experiment_id).tags[SHARED_VIEW + key])
+    assert view["searchFilter"] == 'tags.`distlap.sweep` = "it\'s #1"'
+    assert MlflowClient(tracker.uri).search_runs([tracker.experiment_id], view["searchFilter"])
 
 
 def test_the_ui_sees_a_model_training_experiment_and_the_runs_as_a_tree(tracker, tmp_path):
