@@ -7,6 +7,7 @@ ECE and Δ_ECE are absolute calibration errors on the test split (fractions in [
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -24,14 +25,19 @@ from distlap.plots import reliability_diagram
 
 FIGSIZE = (8.0, 4.5)
 DPI = 100
+TITLE_CHARS = 80  # a 12 pt title this long fills the 800 px width beside the axis labels
 COLORS = {"map": "tab:gray", "layer": "tab:blue", "group": "tab:orange", "all": "tab:green"}
 KIND_NAMES = {"map": "MAP", "layer": "single block", "group": "group of blocks", "all": "all blocks"}
 DELTA_LABEL = "Δ_ECE = ECE_MAP − ECE_S\n(test, absolute ECE)"
 
 
 def save(fig, path: Path) -> Path:
-    """Fixed size and resolution (no tight bbox, which would change the pixel size)."""
+    """Fixed size and resolution (no tight bbox, which would change the pixel size); a title too long
+    for the width is wrapped onto more lines instead of running off the image."""
     fig.set_size_inches(*FIGSIZE)
+    for ax in fig.axes:
+        if len(ax.get_title()) > TITLE_CHARS:
+            ax.set_title(textwrap.fill(ax.get_title(), TITLE_CHARS))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)

@@ -4,7 +4,7 @@ Rows: the MAP, temperature scaling, last-layer Laplace and every layer subset, o
 models (the reference configuration's seeds). Columns: the improvement over the MAP on test in ECE, NLL
 and accuracy (positive = better), each with a 95% interval over test examples, Monte-Carlo sample sets
 (``nn``) and, with several seeds, training seeds (a hierarchical bootstrap of the trials' saved
-replicates, :func:`distlap.intervals.across_seeds`); whether Δ_ECE is distinguishable from 0 after
+replicates, :func:`distlap.seed_intervals.across_seeds`); whether Δ_ECE is distinguishable from 0 after
 Holm's correction over all rows; ECE under shift (mean over the corrupted sets) and OOD AUROCs (mean
 over seeds, t-interval with several); a block's Shapley value of Δ_ECE; and the seconds the predictive
 costs beyond the MAP.
@@ -17,7 +17,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis.page import with_interval
-from distlap import intervals, names, ranking
+from distlap import intervals, names, ranking, seed_intervals
 
 LEVEL = 0.95
 PREDICTIVE, BLOCKS, N_SEEDS = "predictive", names.BLOCKS, names.N_SEEDS
@@ -25,8 +25,8 @@ SCORES = ("ece", "nll", "accuracy")
 DELTAS = {s: f"test/delta_{s}" for s in SCORES}
 P_HOLM, DISTINCT = "p_holm", "distinguishable"
 SHIFT_ECE, NEAR, FAR = "shift/ece", "near_ood/auroc_maxprob", "far_ood/auroc_maxprob"
-SHAPLEY, COST = "shapley/delta_ece", "cost_s"
-LABELS = {"map": "MAP", "temp": "temperature scaling", "lla": "last-layer Laplace"}
+SHAPLEY, COST = names.SHAPLEY + "ece", "cost_s"
+LABELS = {p: names.PREDICTIVES[p] for p in ("map", "temp", "lla")}
 
 
 def pooled(results: list[dict]) -> dict[str, intervals.Replicates] | None:
@@ -41,7 +41,7 @@ def pooled(results: list[dict]) -> dict[str, intervals.Replicates] | None:
         out[score] = (
             per_seed[0]
             if len(per_seed) == 1
-            else intervals.across_seeds(per_seed, shared_examples=False, n_resamples=2000, seed=0)
+            else seed_intervals.across_seeds(per_seed, shared_examples=False, n_resamples=2000, seed=0)
         )
     return out
 
@@ -78,7 +78,7 @@ def _improvements(rows: dict, reps: dict[str, intervals.Replicates]) -> None:
 def _metrics(result: dict, name: str) -> tuple[str, dict]:
     """The vocabulary's predictive of a row (``subset`` for a layer subset) and the row's metrics."""
     if name in result["subsets"]:
-        return "subset", result["subsets"][name]["metrics"]
+        return names.SUBSET, result["subsets"][name]["metrics"]
     if name == "map":
         return "map", result["map"]["metrics"]
     return name, result["baselines"][name]["metrics"]

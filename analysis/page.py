@@ -1,5 +1,9 @@
 """``report.html``: one self-contained page (PNGs as base64 ``data:`` URIs, inline CSS, no scripts),
-so it opens offline, from an MLflow artifact view or as an e-mail attachment."""
+so it opens offline, from an MLflow artifact view or as an e-mail attachment.
+
+It fits a laptop screen: the page is at most ``MAX_WIDTH_PX`` wide, figures shrink to it, long column
+names wrap at ``/`` and ``_``, and a table wider than the page scrolls inside its own box (its first
+column stays in view) instead of widening the page."""
 
 from __future__ import annotations
 
@@ -10,15 +14,36 @@ from pathlib import Path
 
 import pandas as pd
 
-_CSS = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
-figure { display: inline-block; margin: 0.5em; vertical-align: top; }
-figcaption { font-size: 0.85em; max-width: 800px; color: #444; }
-.missing { color: #a33; } .narrative li { margin: 0.3em 0; }
+MAX_WIDTH_PX = 1100  # the page; a 1,366 px laptop screen shows it whole
+_CSS = f"""
+body {{ font-family: system-ui, sans-serif; max-width: {MAX_WIDTH_PX}px; margin: 2em auto; padding: 0 1em;
+       color: #222; overflow-wrap: break-word; }}
+h1 {{ font-size: 1.6em; }}
+.table {{ max-width: 100%; overflow-x: auto; margin: 0.5em 0 1.5em; border: 1px solid #ddd; }}
+table {{ border-collapse: collapse; font-size: 0.8em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }}
+th {{ background: #f2f2f2; max-width: 9em; overflow-wrap: break-word; vertical-align: bottom; }}
+td {{ white-space: nowrap; }}
+td:first-child, th:first-child {{ text-align: left; position: sticky; left: 0; background: #fafafa; }}
+figure {{ display: inline-block; margin: 0.5em; vertical-align: top; max-width: 100%; }}
+figure img {{ max-width: 100%; height: auto; }}
+figcaption {{ font-size: 0.85em; max-width: 800px; color: #444; }}
+.missing {{ color: #a33; }} .narrative li {{ margin: 0.3em 0; }}
 """
+
+
+def _header(name: str) -> str:
+    """A column name that may wrap after ``/`` and ``_`` (``subset/test/delta_ece_low``)."""
+    return html.escape(name).replace("/", "/<wbr>").replace("_", "_<wbr>")
+
+
+def table_html(table: pd.DataFrame) -> str:
+    """``table`` as HTML in a box that scrolls sideways when the table is wider than the page."""
+    shown = table.rename(columns={c: _header(str(c)) for c in table.columns})
+    for col in shown.select_dtypes(include="object").columns:  # cells escaped here, headers above
+        shown[col] = shown[col].map(lambda v: html.escape(v) if isinstance(v, str) else v)
+    inner = shown.to_html(index=False, na_rep="–", float_format=lambda v: f"{v:.4g}", border=0, escape=False)
+    return f'<div class="table">{inner}</div>'
 
 
 def data_uri(png: Path) -> str:
@@ -89,7 +114,7 @@ def render(
     for caption, table in tables:
         parts += [
             f"<h2>{html.escape(caption)}</h2>",
-            table.to_html(index=False, na_rep="–", float_format=lambda v: f"{v:.4g}", border=0),
+            table_html(table),
         ]
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -102,9 +102,43 @@ def _lead(
     )
 
 
+RANKING_NOTE = (
+    "In the rankings, > (or <) means the gap between two neighbours is larger than the seed std of "
+    "either; ≈ means it is not, or only one seed ran (noise not measured)."
+)
+
+
+def _ahead(a: pd.Series, b: pd.Series, metric: str) -> bool:
+    """``a`` better than ``b`` by more than the larger seed std of the two (never with one seed): the
+    same test as the winners' "above the seed std"."""
+    stds = [s for s in (a[f"{metric}_std"], b[f"{metric}_std"]) if not math.isnan(s)]
+    margin = a[metric] - b[metric] if names.describe(metric).better == "higher" else b[metric] - a[metric]
+    return bool(stds) and margin > max(stds)
+
+
 def _ranking(rows: pd.DataFrame, metric: str, descending: bool) -> str:
-    ordered = rows.sort_values(metric, ascending=not descending, kind="stable")[LABEL]
-    return (" > " if descending else " < ").join(ordered)
+    """Best first; ">" (or "<") between neighbours one of which is ahead beyond seed noise, else "≈"."""
+    ordered = [row for _, row in rows.sort_values(metric, ascending=not descending, kind="stable").iterrows()]
+    text = ordered[0][LABEL]
+    for a, b in zip(ordered, ordered[1:]):
+        text += (" > " if descending else " < ") if _ahead(a, b, metric) else " ≈ "
+        text += b[LABEL]
+    return text
+
+
+def _reversals(settings: dict[tuple, pd.DataFrame], metric: str) -> list[str]:
+    """ "Norm ahead of LoRA in X, behind in Y": pairs ordered beyond seed noise both ways."""
+    ahead: dict[tuple[str, str], list[str]] = {}
+    for rows in settings.values():
+        for _, a in rows.iterrows():
+            for _, b in rows.iterrows():
+                if a[LABEL] != b[LABEL] and _ahead(a, b, metric):
+                    ahead.setdefault((a[LABEL], b[LABEL]), []).append(rows[TITLE].iloc[0])
+    return [
+        f"{a} ahead of {b} in {', '.join(where)}, behind in {', '.join(ahead[(b, a)])}"
+        for (a, b), where in ahead.items()
+        if (b, a) in ahead and a < b
+    ]
 
 
 def _rankings(settings: dict[tuple, pd.DataFrame]) -> list[str]:
@@ -113,7 +147,8 @@ def _rankings(settings: dict[tuple, pd.DataFrame]) -> list[str]:
         return [
             f"Only one setting ({rows[TITLE].iloc[0]}): accuracy ranking "
             f"{_ranking(rows, ACC, True)}, ECE ranking (lowest first) {_ranking(rows, ECE, False)}; "
-            "no cross-setting comparison."
+            "no cross-setting comparison.",
+            RANKING_NOTE,
         ]
     lines = []
     for name, metric, descending in (
@@ -123,12 +158,15 @@ def _rankings(settings: dict[tuple, pd.DataFrame]) -> list[str]:
         ranks: dict[str, list[str]] = {}
         for rows in settings.values():
             ranks.setdefault(_ranking(rows, metric, descending), []).append(rows[TITLE].iloc[0])
+        reversals = _reversals(settings, metric)
+        where = "; ".join(f"{rank} in {', '.join(titles)}" for rank, titles in ranks.items())
         if len(ranks) == 1:
             lines.append(f"{name} {next(iter(ranks))} in every setting (consistent across scales).")
+        elif reversals:
+            lines.append(f"{name} differs across settings: {where} ({'; '.join(reversals)}).")
         else:
-            where = "; ".join(f"{rank} in {', '.join(titles)}" for rank, titles in ranks.items())
-            lines.append(f"{name} differs across settings: {where}.")
-    return lines
+            lines.append(f"{name}: {where}; no order is reversed beyond seed noise between settings.")
+    return [*lines, RANKING_NOTE]
 
 
 def _span(values: pd.Series, digits: int) -> str:

@@ -5,6 +5,10 @@ python analysis/report.py --tracking-uri URI --experiment NAME [--run-id ID] [--
 
 Writes ``<output>/report/`` (see the README, "Reading the results"); works on a partial sweep
 (failed or running trials) and says what is missing. From Python: :func:`build_report`.
+
+Start-up is kept short: pandas, SciPy, matplotlib, Optuna and MLflow are imported by the functions
+that use them, so ``--help`` and a mistyped folder answer at once and the first line of work is
+printed before they load.
 """
 
 from __future__ import annotations
@@ -13,12 +17,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-
-from analysis import aggregate, attribution, figures, findings, lead, mlflow_io, optuna_views, page
-from analysis.aggregate import DELTA, DELTA_ACCURACY, DELTA_HIGH, DELTA_LOW, TEST
-from analysis.collect import ReportError, SweepData, load_folder
 from distlap import names
 from distlap.names import (
     BLOCKS,
@@ -34,6 +34,17 @@ from distlap.names import (
     SUBSET_KIND,
     TRIAL_ID,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from analysis.collect import SweepData
+
+# analysis.aggregate's keys, spelled out here so that importing this module loads no SciPy
+DELTA = names.delta("subset", "test", "ece")
+DELTA_LOW, DELTA_HIGH = names.interval(DELTA)
+DELTA_ACCURACY = names.delta("subset", "test", "accuracy")
+TEST = names.scores("subset", "test")
 
 SUMMARY_TABLE, RANKING_TABLE, TRIALS_TABLE = "summary_table.csv", "subset_ranking.csv", "trials.csv"
 LEAD_TABLE, SUMMARY_JSON, HTML = "lead_table.csv", "analysis_summary.json", "report.html"
@@ -80,12 +91,16 @@ def build_report(output_dir: str | Path, *, log_mlflow: bool = True, log=print) 
     Raises :class:`~analysis.collect.ReportError` when the folder is not a sweep or no trial has
     results yet. A report that cannot be logged to MLflow is still written (the reason is printed).
     """
+    from analysis.collect import load_folder
+
     data = load_folder(output_dir)
     return write_report(data, data.output_dir / REPORT_DIR, log_mlflow=log_mlflow, log=log)
 
 
 def write_report(data: SweepData, report_dir: Path, *, log_mlflow: bool = True, log=print) -> Path:
     """Every report file for ``data`` into ``report_dir`` (then to the MLflow parent run); returns it."""
+    from analysis import aggregate, findings, lead, mlflow_io, page
+
     _clear(report_dir)
     summary = aggregate.summary_table(aggregate.subset_frame(data), data.config_params, data.search.direction)
     reference = aggregate.best_config(summary)
@@ -139,6 +154,8 @@ def _clear(report_dir: Path) -> None:
 
 
 def _mlflow_run(data: SweepData, log) -> str | None:
+    from analysis import mlflow_io
+
     try:
         return mlflow_io.report_run(data)
     except Exception as err:  # noqa: BLE001 -- the files are the report; MLflow holds a copy of them
@@ -148,6 +165,8 @@ def _mlflow_run(data: SweepData, log) -> str | None:
 
 
 def _figures(data: SweepData, summary: pd.DataFrame, ranked: pd.DataFrame, found: dict, out: Path) -> dict:
+    from analysis import aggregate, attribution, figures, optuna_views
+
     ref = found["reference_config"]
     title = f"{ref[CONFIG]} ({ref[N_SEEDS]} seed{'s' * (ref[N_SEEDS] > 1)})"
     results = [data.results[t] for t in ref[names.TRIAL_IDS] if t in data.results]
@@ -211,6 +230,8 @@ def _trial_table(data: SweepData) -> pd.DataFrame:
 
 
 def _html_tables(ranked: pd.DataFrame, summary: pd.DataFrame, trials: pd.DataFrame) -> list:
+    from analysis import page
+
     show = [SUBSET, SUBSET_KIND, BLOCKS, N_SEEDS, *_SHOWN, DELTA_LOW, DELTA_HIGH, DELTA_ACCURACY]
     per_config = page.mean_std(summary, _SHOWN)[[CONFIG, *show]]
     return [
@@ -246,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     from_mlflow = args.tracking_uri is not None
     if (args.sweep is None) != from_mlflow or from_mlflow != (args.experiment is not None):
         parser.error("give a sweep output folder, or --tracking-uri URI --experiment NAME (not both)")
+    print(
+        f"[report] reading {args.sweep or f'{args.tracking_uri}, experiment {args.experiment}'}", flush=True
+    )
+    from analysis import mlflow_io
+    from analysis.collect import ReportError, load_folder
+
     try:
         data = (
             load_folder(args.sweep)

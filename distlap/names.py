@@ -266,6 +266,7 @@ _COLUMNS: dict[str, Name] = {
 
 SWEEP_TAG = "distlap.sweep"  # the sweep id (= the Optuna study name) on every run of a sweep
 KIND_TAG = "distlap.kind"  # sweep | trial | subset
+ORDER_TAG = "distlap.order"  # sorts a sweep's runs as a tree: <sweep>, <sweep>/trial-000, .../trial-000/001
 SUBSET_TAG = "distlap.subset"  # the layer subset of a subset run
 TRIAL_TAG = "ray_trial_id"  # the Ray trial id: an MLflow tag and an Optuna user attribute
 RUN_ID = "mlflow_run_id"  # Optuna user attribute, and the one non-searched key of a Ray trial's config

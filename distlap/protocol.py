@@ -120,7 +120,8 @@ def inference(probs: dict[str, torch.Tensor], labels: torch.Tensor, ft: FineTune
     """``result["inference"]``: paired bootstrap replicates of every predictive's improvement over the MAP
     on test (ECE, NLL, accuracy; two-level for nn sample sets), and from them which predictives are
     distinguishable from the MAP and from each other (Holm-adjusted p, simultaneous max-|t| intervals).
-    The replicates are kept so that seeds can be pooled later (:func:`distlap.intervals.across_seeds`)."""
+    The replicates are kept so that seeds can be pooled later
+    (:func:`distlap.seed_intervals.across_seeds`)."""
     n_bins, la = ft.cfg.n_bins, ft.cfg.laplace
     others = {n: p for n, p in probs.items() if n != "map"}
     reps = intervals.improvement_replicates(

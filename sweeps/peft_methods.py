@@ -1,13 +1,13 @@
 """PEFT methods sweep: NormTune vs LoRA vs Hybrid across backbones and data sets, a Ray Tune grid.
 
 python sweeps/peft_methods.py [--config sweeps/configs/NAME.yaml] [key=value ...] [--output DIR]
-                              [--address ray://HOST:10001 | auto] [--resume] [--smoke-test]
+                              [--address auto | HEAD:6379] [--resume] [--smoke-test]
 
 With no arguments: sweeps/configs/peft_methods.yaml on a local Ray (2 tiny ViTs x 3 methods x 2 seeds
 on Fashion-MNIST classes 5-9); the seed's three cluster settings are sweeps/configs/peft_methods_cluster.yaml.
 Ends with the report in <output>/report/ (consolidated tables, composite plots, cross-setting trends).
-Exit codes: 0 done (failed trials are recorded, not fatal), 1 every trial failed, 2 bad input or
-unreachable cluster, 130 interrupted (continue with --resume --output DIR).
+Exit codes: 0 done (failed trials are recorded, not fatal), 1 every trial failed, 2 bad input, store
+or cluster (nothing written), 3 a store failed mid-sweep, 130 interrupted (both: --resume --output DIR).
 """
 
 from __future__ import annotations

@@ -9,11 +9,15 @@ model, so the embedded default exercises the same loading code as ViT-B/16 on a 
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from distlap.finetune.data import ImageTransform
 from distlap.finetune.pretrain import resolve
+
+_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 
 
 class BackboneError(RuntimeError):
@@ -35,16 +39,28 @@ def load_backbone(
     source = resolve(name, cache_dir, data_path)
     try:
         model = AutoModelForImageClassification.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BackboneError(
-            f"could not load backbone {name!r}: it is not a local directory and the hub did not "
-            f"provide it ({first_line}). Fix: on a machine that reaches the hub run "
-            f"`AutoModelForImageClassification.from_pretrained({name!r}).save_pretrained(DIR)` "
-            f"(and the image processor likewise), copy DIR here and pass backbone.name=DIR."
-        ) from None
+    except Exception as err:  # noqa: BLE001 - transformers, safetensors and torch raise many types
+        raise _load_error(name, source, err) from None
     replace_head(model, num_labels, seed)
     return model, _transform_for(source, model)
+
+
+def _load_error(name: str, source: str, err: Exception) -> BackboneError:
+    """One message naming what could not be loaded and the fix: a local directory's files, or the hub."""
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if os.path.isdir(source):
+        weights = [os.path.join(source, f) for f in _WEIGHTS if os.path.isfile(os.path.join(source, f))]
+        what = f"{weights[0]} is corrupt or truncated" if weights else f"{source} holds no model weights"
+        return BackboneError(
+            f"could not load backbone {name!r}: {what} ({type(err).__name__}: {first_line}). Fix: write "
+            f"it again with `model.save_pretrained({source!r})` (or copy it again from where it was made)"
+        )
+    return BackboneError(
+        f"could not load backbone {name!r}: it is not a local directory and the hub did not "
+        f"provide it ({first_line}). Fix: on a machine that reaches the hub run "
+        f"`AutoModelForImageClassification.from_pretrained({name!r}).save_pretrained(DIR)` "
+        f"(and the image processor likewise), copy DIR here and pass backbone.name=DIR."
+    )
 
 
 def replace_head(model: nn.Module, num_labels: int, seed: int) -> None:

@@ -14,7 +14,9 @@ not on the validation split, resources that cannot hold one trial.
 from __future__ import annotations
 
 import math
+import re
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,10 +75,17 @@ class ResourcesConfig(_Strict):
 class TrackingConfig(_Strict):
     uri: str | None = Field(
         None,
-        description="MLflow tracking URI; None = sqlite:///<output_dir>/mlflow.db. On a cluster an "
-        "http:// tracking server every node reaches.",
+        description="MLflow tracking URI; None = sqlite:///<output_dir>/mlflow.db. On a cluster a "
+        "database every node reaches (postgresql+psycopg://USER@HOST/DB; the password in PGPASSFILE), "
+        "or an http:// tracking server.",
     )
     experiment: str = Field("distlap-layerwise", description="MLflow experiment holding the sweep runs.")
+    artifacts: str | None = Field(
+        None,
+        description="Folder of MLflow's artifacts (plots, summary.csv) when `uri` is a database (sqlite, "
+        "postgresql); fixed when the experiment is made. None = <output_dir>/mlartifacts; on a cluster a "
+        "folder every node sees. An http:// tracking server keeps its own.",
+    )
 
 
 class SweepConfig(_Strict):
@@ -184,6 +193,7 @@ def check(cfg: SweepConfig) -> SweepConfig:
             "<output_dir>/trials/<trial id>)"
         )
     problems += _kind_problems(cfg) + _space_problems(cfg) + _point_problems(cfg)
+    problems += _secret_problems(cfg)
     if cfg.resources.eval_tasks and cfg.trial.laplace.predictive == "glm":
         problems.append(
             "resources.eval_tasks: the glm predictive serves every subset from one Jacobian "
@@ -192,6 +202,19 @@ def check(cfg: SweepConfig) -> SweepConfig:
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return cfg
+
+
+def _secret_problems(cfg: SweepConfig) -> list[str]:
+    """No password in a store URI: the config is saved in config.yaml and logged to MLflow."""
+    problems = []
+    for field, uri in (("tracking.uri", cfg.tracking.uri), ("search.storage", cfg.search.storage)):
+        if uri and urllib.parse.urlsplit(uri).password:
+            problems.append(
+                f"{field}: holds a password, which would be written to config.yaml and MLflow; drop it "
+                "from the URI and give it to the client instead (PostgreSQL: ~/.pgpass or PGPASSFILE; "
+                "an MLflow server: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"
+            )
+    return problems
 
 
 def _space_problems(cfg: SweepConfig) -> list[str]:
@@ -255,25 +278,59 @@ def _one_line(err: ConfigError) -> str:
     return str(err).removeprefix("invalid config:\n  ").replace("\n  ", "; ")
 
 
-def load_sweep_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SweepConfig:
-    """YAML file (optional) + ``key=value`` overrides -> a checked (not yet resolved) SweepConfig."""
+def load_sweep_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, exact: dict[str, Any] | None = None
+) -> SweepConfig:
+    """YAML file (optional) + ``key=value`` overrides + ``exact`` top-level values (paths, addresses:
+    taken as they are, never parsed as YAML, where `` #`` starts a comment) -> a checked (not yet
+    resolved) SweepConfig."""
     raw = read_yaml(path) if path is not None else {}
     raw = deep_merge(raw, parse_overrides(overrides or []))
-    return check(build(SweepConfig, raw))
+    return check(build(SweepConfig, {**raw, **(exact or {})}))
 
 
 def resolve(cfg: SweepConfig, *, now: float | None = None) -> SweepConfig:
-    """Absolute output folder, tracking URI, Optuna storage and study name (Ray trials run elsewhere)."""
+    """Absolute output folder, tracking URI, Optuna storage and study name (Ray trials run elsewhere).
+
+    Any folder name works (spaces, ``#``, quotes, ``{}``, any script) but two, refused by name: a
+    ``?`` or a ``%XX`` escape, which SQLAlchemy reads as a URL query or character in the SQLite URLs of
+    the default stores; and a study name (by default the folder's name) holding both ``'`` and ``"``,
+    which MLflow's search filters (they find a sweep's runs by it) cannot express."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
     out = Path(cfg.output_dir or f"runs/{cfg.name}-{stamp}").expanduser().resolve()
+    if cfg.search.storage is None or cfg.tracking.uri is None:
+        _check_url_safe(out)
+    study_name = cfg.search.study_name or out.name
+    if "'" in study_name and '"' in study_name:
+        field = "search.study_name" if cfg.search.study_name else f"--output {str(out)!r}: the folder name"
+        raise ConfigError(f"{field} holds both ' and \"; MLflow cannot search for it. Rename it")
     search = cfg.search.model_copy(
-        update={
-            "storage": cfg.search.storage or f"sqlite:///{out / 'optuna.db'}",
-            "study_name": cfg.search.study_name or out.name,
-        }
+        update={"storage": cfg.search.storage or sqlite_url(out / "optuna.db"), "study_name": study_name}
     )
-    tracking = cfg.tracking.model_copy(update={"uri": cfg.tracking.uri or f"sqlite:///{out / 'mlflow.db'}"})
+    tracking = cfg.tracking.model_copy(update={"uri": cfg.tracking.uri or sqlite_url(out / "mlflow.db")})
     return cfg.model_copy(update={"output_dir": str(out), "search": search, "tracking": tracking})
+
+
+def _check_url_safe(out: Path) -> None:
+    bad = "?" if "?" in str(out) else re.search(r"%[0-9A-Fa-f]{2}", str(out))
+    if bad:
+        shown = bad if isinstance(bad, str) else bad.group(0)
+        raise ConfigError(
+            f"--output {str(out)!r}: the path holds {shown!r}, which the SQLite URLs of the sweep's "
+            "MLflow and Optuna stores (sqlite:///PATH) read as part of a URL; choose a folder without it"
+        )
+
+
+def sqlite_url(path: str | Path) -> str:
+    """``sqlite:///`` + the absolute path, as it is (see :func:`resolve` for the two refused characters)."""
+    return f"sqlite:///{path}"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL (None for other URLs); the inverse of :func:`sqlite_url`."""
+    if not url.startswith("sqlite:///"):
+        return None
+    return Path(url.removeprefix("sqlite:///"))
 
 
 def max_concurrent(cfg: SweepConfig, cluster: dict[str, float]) -> int:

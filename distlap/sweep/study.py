@@ -48,9 +48,11 @@ _STATUS = {
 
 
 def storage(url: str) -> optuna.storages.RDBStorage:
-    """The study's storage; SQLite waits for a busy file instead of failing at once."""
+    """The study's storage; SQLite waits for a busy file instead of failing at once. Optuna runs
+    ``str.format`` on the URL (a ``{SCHEMA_VERSION}`` template), so braces of a path are doubled."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    escaped = url.replace("{", "{{").replace("}", "}}")
+    return optuna.storages.RDBStorage(escaped, engine_kwargs=engine_kwargs)
 
 
 def load_study(cfg: SearchConfig) -> optuna.Study:

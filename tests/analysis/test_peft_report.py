@@ -20,7 +20,7 @@ from analysis.peft_figures import (
     time_per_epoch_figure,
     write_figures,
 )
-from analysis.peft_methods import build_peft_report, main, trends
+from analysis.peft_methods import RANKING_NOTE, build_peft_report, main, trends
 from analysis.peft_tables import (
     ACC,
     COLUMNS,
@@ -175,8 +175,13 @@ def test_trends_consistent_rankings():
         WINNERS_A,
         f"{TITLE_B}: highest accuracy LoRA (90.80% vs 89.30% for Norm, 1.50 pp higher, one seed, noise not "
         "measured); lowest ECE Norm (0.048 vs 0.060 for LoRA, 0.012 lower, one seed, noise not measured).",
-        "Accuracy ranking LoRA > Norm > Hybrid in every setting (consistent across scales).",
-        "ECE ranking (lowest first) Norm < LoRA < Hybrid in every setting (consistent across scales).",
+        # one seed in B: no order there is beyond noise, so nothing contradicts A's
+        f"Accuracy ranking: LoRA > Norm > Hybrid in {TITLE_A}; LoRA ≈ Norm ≈ Hybrid in {TITLE_B}; "
+        "no order is reversed beyond seed noise between settings.",
+        # A: Norm 0.060 ± 0.014 vs LoRA 0.072 ± 0.003 is within noise; LoRA vs Hybrid 0.081 ± 0.001 is not
+        f"ECE ranking (lowest first): Norm ≈ LoRA < Hybrid in {TITLE_A}; Norm ≈ LoRA ≈ Hybrid in {TITLE_B}; "
+        "no order is reversed beyond seed noise between settings.",
+        RANKING_NOTE,
         "Tuned Params % per method across settings: Norm 0.20–0.27%, LoRA 2.82–5.00%, Hybrid 0.19–0.26%.",
         # Acc@1 / % per trial, then the mean: Hybrid 93.1/0.19 = 490.0 and 88.0/0.26 = 338.5
         "Accuracy per tuned parameter (Acc@1 points per Tuned Params %) is highest for Hybrid in every "
@@ -185,23 +190,48 @@ def test_trends_consistent_rankings():
 
 
 def test_trends_inconsistent_ranking():
-    rows_b = [("norm", B, 0, 0.915, 0.048, 0.27, 1524.0), *ROWS_B[1:]]
+    """Two seeds in B, Norm clearly ahead of LoRA there and clearly behind in A: a reversal, named."""
+    rows_b = [
+        (m, B, seed, acc + d, ece, pct, t)
+        for m, acc, ece, pct, t in (
+            ("norm", 0.915, 0.048, 0.27, 1524.0),
+            ("lora", 0.908, 0.060, 2.82, 2011.0),
+        )
+        for seed, d in ((0, 0.0), (1, 0.002))
+    ]
     lines = trends(frame(ROWS_A + rows_b))
     assert lines[2] == (
         f"Accuracy ranking differs across settings: LoRA > Norm > Hybrid in {TITLE_A}; "
-        f"Norm > LoRA > Hybrid in {TITLE_B}."
+        f"Norm > LoRA in {TITLE_B} (LoRA ahead of Norm in {TITLE_A}, behind in {TITLE_B})."
     )
-    assert lines[3] == (
-        "ECE ranking (lowest first) Norm < LoRA < Hybrid in every setting (consistent across scales)."
-    )
-    assert lines[1].startswith(f"{TITLE_B}: highest accuracy Norm (91.50% vs 90.80% for LoRA, 0.70 pp higher")
+    assert lines[1].startswith(f"{TITLE_B}: highest accuracy Norm (91.60% vs 90.90% for LoRA, 0.70 pp higher")
+
+
+def test_rankings_follow_the_intervals_not_the_point_estimates():
+    """A tie, or a gap within the seed std, is never ranked with '>': the winners line and the ranking
+    say the same thing (the issue's "tied ... then LoRA > Hybrid")."""
+    tied = [
+        ("lora", A, 0, 0.37, 0.06, 5.0, 1.0),
+        ("hybrid", A, 0, 0.37, 0.07, 6.0, 1.0),
+        ("norm", A, 0, 0.33, 0.05, 1.0, 1.0),
+    ]
+    lines = trends(frame(tied))
+    assert "accuracy tied between LoRA and Hybrid (37.00%)" in lines[0]
+    assert "accuracy ranking LoRA ≈ Hybrid ≈ Norm" in lines[1]  # one seed: no gap is beyond noise
+    two_seeds = [
+        (m, A, s, acc + 0.001 * s, ece, pct, t) for m, _, _, acc, ece, pct, t in tied for s in (0, 1)
+    ]
+    lines = trends(frame(two_seeds))
+    assert "accuracy ranking LoRA ≈ Hybrid > Norm" in lines[1]  # 4 points apart, std 0.07 points
+    assert lines[2] == RANKING_NOTE
 
 
 def test_trends_one_setting():
     assert trends(frame(ROWS_A)) == [
         WINNERS_A,
         f"Only one setting ({TITLE_A}): accuracy ranking LoRA > Norm > Hybrid, ECE ranking (lowest first) "
-        "Norm < LoRA < Hybrid; no cross-setting comparison.",
+        "Norm ≈ LoRA < Hybrid; no cross-setting comparison.",
+        RANKING_NOTE,
         "Tuned Params % per method: Norm 0.20%, LoRA 5.00%, Hybrid 0.19%.",
         f"Accuracy per tuned parameter (Acc@1 points per Tuned Params %) is highest for Hybrid in {TITLE_A}: "
         "Norm 472.5, LoRA 19.2, Hybrid 490.0.",

@@ -36,3 +36,19 @@ def test_offline_hub_gives_one_clear_error(offline_hub, monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(BackboneError, match=r"no-such-org/vit.*save_pretrained.*backbone.name=DIR"):
         load_backbone("no-such-org/vit", num_labels=3)
+
+
+def test_corrupt_local_weights_name_the_file_and_the_fix(tiny_vit_dir, tmp_path):
+    """A truncated safetensors file (safetensors raises its own error type) is one BackboneError that
+    names the file; so is a directory without weights (it is not called 'not a local directory')."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_vit_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(BackboneError, match=rf"{weights} is corrupt or truncated.*save_pretrained"):
+        load_backbone(str(broken), num_labels=3)
+    weights.unlink()
+    with pytest.raises(BackboneError, match=rf"{broken} holds no model weights"):
+        load_backbone(str(broken), num_labels=3)

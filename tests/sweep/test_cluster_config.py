@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -103,27 +104,69 @@ def test_a_typo_fails_validation(cluster, path, value, message):
         ray_up_validate(bad)
 
 
-def test_only_ssh_is_open_to_the_world(cluster):
-    """Ray's security group admits SSH from anywhere and all intra-cluster traffic; extra rules
-    (provider.security_group.IpPermissions) must not open anything else to the world."""
-    for rule in cluster["provider"].get("security_group", {}).get("IpPermissions", []):
-        world = [
-            r
-            for r in rule.get("IpRanges", []) + rule.get("Ipv6Ranges", [])
-            if r.get("CidrIp") == "0.0.0.0/0" or r.get("CidrIpv6") == "::/0"
-        ]
-        assert not world or (rule["FromPort"], rule["ToPort"]) == (22, 22), rule
-    head_start = " ".join(cluster["head_start_ray_commands"])
-    assert "--dashboard-host=127.0.0.1" in head_start
-    assert re.search(r"optuna-dashboard .*--host 127\.0\.0\.1", head_start)
-    assert re.search(r"mlflow server .*--allowed-hosts", head_start)  # no foreign Host headers
+def test_the_cluster_is_closed_to_strangers(cluster):
+    """Every node type names the security group made once by hand (cluster.yaml, step 2: all traffic
+    between members, SSH from ADMIN_CIDR): Ray's launcher then makes no group of its own, and the group
+    it would make opens SSH to 0.0.0.0/0 (checked with Ray's own code, no AWS call). Nothing on the head
+    listens beyond 127.0.0.1 but PostgreSQL, which admits password (SCRAM) logins only."""
+    from ray.autoscaler._private.aws.config import _configure_security_group, _create_default_inbound_rules
+
+    world_ssh = {"FromPort": 22, "ToPort": 22, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}
+    assert world_ssh in _create_default_inbound_rules(set())  # what Ray's own group would admit
+    prepared = ray_up_validate(cluster)
+    groups = [t["node_config"].get("SecurityGroupIds") for t in prepared["available_node_types"].values()]
+    assert all(g and all(re.fullmatch(r"sg-[0-9a-f]{8,17}", x) for x in g) for g in groups), groups
+    assert _configure_security_group(copy.deepcopy(prepared)) == prepared  # Ray keeps ours, makes none
+    assert "security_group" not in cluster["provider"]
+    text = CLUSTER.read_text()
+    assert "--cidr ADMIN_CIDR" in text and "--source-group $SG" in text
+    commands = " ".join(cluster["head_setup_commands"] + cluster["head_start_ray_commands"])
+    assert "0.0.0.0" not in commands.replace("0.0.0.0/0 scram-sha-256", "")  # nothing open without auth
+    assert "--dashboard-host=127.0.0.1" in commands
+    assert re.search(r"optuna-dashboard .*--host 127\.0\.0\.1", commands)
+    assert re.search(r"mlflow server .*--host 127\.0\.0\.1", commands)
+    assert "-A scram-sha-256" in commands and "host all distlap 0.0.0.0/0 scram-sha-256" in commands
+    assert " trust" not in commands
 
 
-def test_image_and_installs_are_pinned(cluster):
+def test_the_shared_folder_is_not_world_writable_and_secrets_stay_out_of_configs(cluster):
+    """--resume unpickles a sweep folder's state: distlap's EFS folder belongs to the containers' user
+    alone. The database password is made on the head into a 0600 file that PGPASSFILE names."""
+    text = " ".join(cluster["initialization_commands"] + cluster["setup_commands"])
+    assert "1777" not in text and "777" not in text and "o+w" not in text
+    assert "chown 1000:100 /mnt/efs/distlap && sudo chmod 0750 /mnt/efs/distlap" in text
+    assert "--env=PGPASSFILE=/mnt/efs/distlap/secrets/pgpass" in cluster["docker"]["run_options"]
+    assert "umask 077" in " ".join(cluster["head_setup_commands"])
+
+
+PINNED = re.compile(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}")
+
+
+def image_is_pinned(image: str) -> bool:
+    """``name:tag@sha256:<64 hex>``: a tag alone can be moved to other contents."""
+    return PINNED.fullmatch(image) is not None
+
+
+def test_image_is_pinned_by_digest(cluster):
+    """A tag-only image is refused here; the all-zero placeholder digest is refused by `ray up` itself
+    (the first command on each host), until step 4 of cluster.yaml puts the real digest in."""
     image = cluster["docker"]["image"]
-    assert image == f"rayproject/ray:{ray.__version__}-py311-gpu"  # Ray and Python as pyproject pins them
+    assert image_is_pinned(image), f"docker.image {image!r}: pin it by digest (cluster.yaml, step 4)"
+    assert image.startswith(f"rayproject/ray:{ray.__version__}-py311-gpu@")  # Ray and Python as pinned
+    assert not image_is_pinned("rayproject/ray:2.60.0-py311-gpu")
+    assert not image_is_pinned("rayproject/ray@sha256:1234")
+    guard = cluster["initialization_commands"][0]
+    assert f'case "{image}"' in guard and "exit 1" in guard
+    placeholder = image.endswith("@sha256:" + "0" * 64)
+    result = subprocess.run(["sh", "-c", guard], capture_output=True, text=True)
+    assert (result.returncode != 0) == placeholder and ("placeholder" in result.stderr) == placeholder
+    real = guard.replace(image, image[:-64] + "ab" * 32, 1)
+    assert subprocess.run(["sh", "-c", real]).returncode == 0
+
+
+def test_installs_are_pinned(cluster):
     setup = " ".join(cluster["setup_commands"])
-    assert "pip install -q -e /home/ray/distlap" in setup  # pyproject.toml's pins, nothing else
+    assert 'pip install -q -e "/home/ray/distlap[postgres]"' in setup  # pyproject.toml's pins, nothing else
     assert cluster["file_mounts"] == {"/home/ray/distlap": "."}
     assert all(
         re.search(r"pip install .*==", c) for c in cluster["head_setup_commands"] if "pip install" in c
@@ -143,13 +186,16 @@ def test_cluster_sweep_config_fits_the_cluster(cluster, config):
     assert node_types["head"]["resources"] == {"CPU": 0}
     if cfg.kind == "layerwise":  # the subset tasks share the trial's GPU
         assert cfg.resources.eval_tasks > 0 and 0 < cfg.resources.gpus_per_eval_task < 1
-    # Shared storage, the head's MLflow server, one Optuna file that the head's dashboard shows.
+    # Shared storage for files; MLflow and Optuna in the head's PostgreSQL (no SQLite on NFS), whose
+    # databases the head makes and whose Optuna database the head's dashboard shows.
     shared = "/mnt/efs"
     assert f"--volume={shared}:{shared}" in cluster["docker"]["run_options"]
-    assert cfg.output_dir.startswith(shared + "/") and cfg.search.storage.startswith(f"sqlite:///{shared}/")
+    assert cfg.output_dir.startswith(shared + "/") and cfg.tracking.artifacts.startswith(shared + "/")
+    head = "postgresql+psycopg://distlap@distlap-head:5432/"
+    assert (cfg.tracking.uri, cfg.search.storage) == (head + "mlflow", head + "optuna")
     head_start = " ".join(cluster["head_start_ray_commands"])
-    assert cfg.search.storage in head_start  # optuna-dashboard reads the sweep's study storage
-    assert cfg.tracking.uri == "http://distlap-head:5000" and "--port 5000" in head_start
+    assert "for db in mlflow optuna" in head_start and "CREATE DATABASE $db" in head_start
+    assert "optuna-dashboard postgresql+psycopg://distlap@127.0.0.1:5432/optuna" in head_start
     assert "distlap-head" in " ".join(cluster["head_setup_commands"] + cluster["worker_setup_commands"])
     assert cfg.max_failures >= 1  # spot workers
 

@@ -106,8 +106,9 @@ def test_smoke_sweep_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
-    """lr=1e30 makes the loss non-finite: that trial is retried once (max_failures=1), then ends FAILED
-    in MLflow (with the message) and FAIL in Optuna; the other trial completes, evaluating its subsets
+    """lr=1e30 makes the loss non-finite: a deterministic failure, so it is not retried (max_failures=1
+    is for failures that may pass, such as a lost node); it ends FAILED in MLflow (with the message)
+    and FAIL in Optuna; the other trial completes, evaluating its subsets
     as Ray tasks in its child bundle (2 CPUs per trial on this 2-CPU Ray: any task escaping the trial's
     placement group would wait forever)."""
     out = tmp_path / "fail"
@@ -127,7 +128,7 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert list(summary.status) == ["failed", "ok"]
     assert "non-finite training loss" in summary.error[0]
     failed_id = summary.trial_id[0]
-    assert (proc.stdout + proc.stderr).count(f"[{failed_id}] stage: fine-tuning") == 2  # one retry
+    assert (proc.stdout + proc.stderr).count(f"[{failed_id}] stage: fine-tuning") == 1  # no retry
     # the layer-wise engine's own line about Ray tasks
     assert re.search(rf"\[{summary.trial_id[1]}\] .*as Ray tasks", proc.stdout + proc.stderr)
     run = MlflowClient(load_sweep_config(out / "config.yaml").tracking.uri).get_run(summary.mlflow_run_id[0])
@@ -168,8 +169,10 @@ def test_interrupted_sweep_resumes_to_exactly_n_trials(tmp_path):
     resumed_log = second.stdout + second.stderr
     for trial_id in finished:
         assert f"[{trial_id}] stage" not in resumed_log  # finished trials are kept, not rerun
-    for trial_id in checkpointed:
-        assert f"[{trial_id}] stage: restored the fine-tuned adapter" in resumed_log
+    for trial_id in checkpointed:  # restored from its checkpoint, or (if it ended while the driver
+        # stopped, its result recorded but not yet reported) that result reported again: never retrained
+        restored = f"[{trial_id}] stage: restored the fine-tuned adapter" in resumed_log
+        assert restored or f"[{trial_id}] stage: done earlier" in resumed_log
         assert f"[{trial_id}] stage: fine-tuning" not in resumed_log
 
 

@@ -177,14 +177,15 @@ def scenario(out: Path) -> dict:
             cwd=ROOT,
         )
     # Kill the node of the first trial that reaches its subset tasks (past its fine-tuning checkpoint).
-    evaluating = re.compile(
-        r"\(layerwise_trial pid=(\d+)[^)]*\)(?:\x1b\[0m)? \[(\w+)\] \[distlap\] evaluating"
-    )
+    # The sweep's console (distlap/sweep/progress.py) names each trial's process once: "[<id>] runs in pid N".
+    evaluating = re.compile(r"^\[(\w+)\] evaluating", re.MULTILINE)
     removed = None
     while removed is None and sweep.poll() is None and time.monotonic() - start < 400:
-        match = evaluating.search(log_path.read_text())
+        text = log_path.read_text()
+        match = evaluating.search(text)
         if match:
-            pid, trial_id = int(match.group(1)), match.group(2)
+            trial_id = match.group(1)
+            pid = int(re.findall(rf"^\[{trial_id}\] runs in pid (\d+)", text, re.MULTILINE)[-1])
             node_id = _node_of(pid, raylets)
             node = next(n for n in workers if n.node_id == node_id)
             time.sleep(1.0)  # let subset tasks start on it

@@ -3,10 +3,12 @@
 import optuna
 import pytest
 from mlflow import MlflowClient
+from ray.tune.search import Searcher
 
 from distlap.names import ERROR, RUN_ID, TRIAL_TAG
-from distlap.sweep.search import StudySearch
+from distlap.sweep.search import StudySearch, TrialSeededTPE, sampler
 from distlap.sweep.settings import SweepConfig, resolve
+from distlap.sweep.space import SearchConfig
 from distlap.sweep.study import load_study
 from distlap.sweep.tracking import SweepTracker, TrialRun
 
@@ -25,12 +27,17 @@ def test_study_search_tags_trials_and_adopts_orphans(tmp_path):
     resumed = StudySearch(cfg.search, tracker)
     resumed.restore(tmp_path / "searcher.pkl")
     c = resumed.suggest("ray_c")
-    assert {k: c[k] for k in ("train.prior_precision", "peft.rank", RUN_ID)} == b  # adopted, not asked
+    assert {k: c[k] for k in ("train.prior_precision", "peft.rank")} == {
+        k: b[k] for k in ("train.prior_precision", "peft.rank")
+    }  # adopted, not asked
     study = load_study(cfg.search)
     assert len(study.trials) == 2
     assert [t.user_attrs[TRIAL_TAG] for t in study.trials] == ["ray_a", "ray_c"]
     assert [t.user_attrs[RUN_ID] for t in study.trials] == [a[RUN_ID], c[RUN_ID]]
-    assert MlflowClient(cfg.tracking.uri).get_run(c[RUN_ID]).data.tags[TRIAL_TAG] == "ray_c"
+    client = MlflowClient(cfg.tracking.uri)
+    assert client.get_run(c[RUN_ID]).data.tags[TRIAL_TAG] == "ray_c"
+    # b's run named the dead Ray trial's folder in its params; it is deleted, c starts a new one
+    assert c[RUN_ID] != b[RUN_ID] and client.get_run(b[RUN_ID]).info.lifecycle_stage == "deleted"
 
     resumed.on_trial_complete("ray_a", result={cfg.search.metric: 0.5})
     with pytest.raises(RuntimeError), TrialRun(cfg.tracking.uri, c[RUN_ID]):
@@ -39,3 +46,73 @@ def test_study_search_tags_trials_and_adopts_orphans(tmp_path):
     states = [(t.state, t.value) for t in load_study(cfg.search).trials]
     assert states == [(optuna.trial.TrialState.COMPLETE, 0.5), (optuna.trial.TrialState.FAIL, None)]
     assert load_study(cfg.search).trials[1].user_attrs[ERROR] == "RuntimeError: non-finite training loss"
+    assert load_study(cfg.search).metric_names == [cfg.search.metric]  # the dashboard's objective name
+
+
+def _point(suggestion: dict) -> tuple:
+    return tuple(sorted((k, v) for k, v in suggestion.items() if k != RUN_ID))
+
+
+def test_resumed_search_never_replays_a_configuration(tmp_path):
+    """The crash-then-resume case of issue 15: the driver's saved searcher state knows trial a; b was
+    asked after it, then the driver died. The resumed searcher adopts b for its next Ray trial and
+    must not ask b's point again for the one after (a sampler stream restored from the old pickle
+    did: the report then showed one configuration with seeds [0, 0]); the study stops at num_samples."""
+    cfg = resolve(SweepConfig(output_dir=str(tmp_path), search={"num_samples": 4}))
+    tracker = SweepTracker.open(cfg.tracking.uri, "exp", cfg.search.study_name, run_name="s")
+    first = StudySearch(cfg.search, tracker)
+    a = first.suggest("ray_a")
+    first.save(tmp_path / "searcher.pkl")
+    b = first.suggest("ray_b")
+
+    resumed = StudySearch(cfg.search, tracker)
+    resumed.restore(tmp_path / "searcher.pkl")
+    c, d, e = (resumed.suggest(f"ray_{x}") for x in "cde")
+    assert _point(c) == _point(b)  # adopted
+    assert len({_point(a), _point(b), _point(d), _point(e)}) == 4  # nothing asked twice
+    assert resumed.suggest("ray_f") == Searcher.FINISHED  # never more than num_samples trials
+    assert len(load_study(cfg.search).trials) == 4
+
+
+def test_trial_seeded_tpe_draws_depend_on_the_trial_number_only():
+    """Two samplers of one seed agree trial by trial, whatever either drew before; numbers differ -> draws
+    differ. (Optuna's own TPESampler draws from one stream, so its n-th draw depends on its history.)"""
+    dist = {"x": optuna.distributions.FloatDistribution(1e-3, 1e3, log=True)}
+
+    def draws(numbers, seed=0):
+        study = optuna.create_study(sampler=TrialSeededTPE(seed))
+        out = {}
+        for n in range(max(numbers) + 1):
+            trial = study.ask(dist)
+            study.tell(trial, 1.0)
+            out[n] = trial.params["x"]
+        return [out[n] for n in numbers]
+
+    assert draws([0, 1, 2]) == draws([0, 1, 2])
+    assert len(set(draws([0, 1, 2, 3]))) == 4
+    assert draws([0]) != draws([0], seed=1)
+
+
+def test_points_to_evaluate_are_asked_first_and_count_once(tmp_path):
+    """Enqueued points wait in the study until asked: they do not fill num_samples before that."""
+    point = {"train.prior_precision": 10.0, "peft.rank": 4}
+    cfg = resolve(
+        SweepConfig(output_dir=str(tmp_path), search={"num_samples": 2, "points_to_evaluate": [point]})
+    )
+    tracker = SweepTracker.open(cfg.tracking.uri, "exp", cfg.search.study_name, run_name="s")
+    search = StudySearch(cfg.search, tracker)
+    first, second = search.suggest("a"), search.suggest("b")
+    assert _point(first) == tuple(sorted(point.items())) and _point(second) != _point(first)
+    assert search.suggest("c") == Searcher.FINISHED
+
+
+def test_grid_ends_without_a_study_stop_warning(recwarn):
+    """Optuna's GridSampler calls study.stop() after the last point, which outside Study.optimize only
+    raises (Ray logged it as a warning); the sweep's own grid ends on num_samples instead."""
+    space = SearchConfig(sampler="grid", space={"peft.rank": {"kind": "choice", "values": [2, 4]}})
+    study = optuna.create_study(sampler=sampler(space))
+    for _ in range(2):
+        trial = study.ask()
+        trial.suggest_categorical("peft.rank", [2, 4])
+        study.tell(trial, 1.0)  # raised RuntimeError("`Study.stop` is supposed to be invoked ...") at the end
+    assert sorted(t.params["peft.rank"] for t in study.trials) == [2, 4]

@@ -149,3 +149,89 @@ def test_concurrent_writers_lose_nothing(tracker):
     assert len(subsets) == n_trials * n_subsets
     assert all(len(r.data.metrics) == 14 for r in subsets)
     assert len(_runs(tracker, "trial")) == n_trials + len(extra)
+
+
+def test_a_sweep_named_with_a_quote_is_found_and_an_interrupted_one_is_killed(tmp_path):
+    """The sweep id (by default the output folder's name) goes into MLflow's search filters quoted
+    safely; interrupted trial and subset runs end KILLED, not RUNNING."""
+    from distlap.sweep.tracking import literal
+
+    assert (literal("a'b"), literal('a"b'), literal("ab")) == ('"a\'b"', "'a\"b'", "'ab'")
+    with pytest.raises(ValueError, match="both"):
+        literal("a'\"b")
+    tracker = SweepTracker.open(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", "it's #1", run_name="s")
+    assert SweepTracker.open(tracker.uri, "exp", "it's #1", run_name="s") == tracker
+    run_id = tracker.trial_run("t_1", run_name="trial-000", params={})
+    assert tracker.find_trial_run("t_1") == run_id
+    with TrialRun(tracker.uri, run_id) as run:
+        client = run.client
+        client.create_run(tracker.experiment_id, tags={MLFLOW_PARENT_RUN_ID: run_id, KIND_TAG: "subset"})
+        tracker.kill_unfinished()
+        assert {r.info.status for r in _runs(tracker, "trial") + _runs(tracker, "subset")} == {"KILLED"}
+    # the runs table's shared view filters on the same quoted id, and finds the sweep's runs
+    import json
+
+    from distlap.sweep.tracking import SHARED_VIEW, view_key
+
+    key = tracker.share_view([], [])  # MLflow refuses the sweep id itself in a tag name
+    assert (
+        key == view_key("it's #1") == "it_s__1-" + key.rsplit("-", 1)[1] and view_key("a-1.b_c") == "a-1.b_c"
+    )
+    view = json.loads(MlflowClient(tracker.uri).get_experiment(tracker.experiment_id).tags[SHARED_VIEW + key])
+    assert view["searchFilter"] == 'tags.`distlap.sweep` = "it\'s #1"'
+    assert MlflowClient(tracker.uri).search_runs([tracker.experiment_id], view["searchFilter"])
+
+
+def test_the_ui_sees_a_model_training_experiment_and_the_runs_as_a_tree(tracker, tmp_path):
+    """Experiment kind and note; the shared view (this sweep, sorted by distlap.order, the columns);
+    order tags and names sweep > trial-000 > trial-000/<subset>; every run describes its metrics; the
+    MAP's reliability diagram on the trial run; each final metric logged once, curves once per epoch."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    from distlap.names import ORDER_TAG
+    from distlap.sweep.tracking import EXPERIMENT_KIND, SHARED_VIEW, TRAINING, experiment_id
+
+    client = MlflowClient(tracker.uri)
+    tags = client.get_experiment(tracker.experiment_id).tags
+    assert tags[EXPERIMENT_KIND] == TRAINING and "trial-000/layer_0" in tags[MLFLOW_RUN_NOTE]
+    assert (
+        experiment_id(tracker.uri, "exp") == tracker.experiment_id
+        and experiment_id(tracker.uri, "no") is None
+    )
+    key = tracker.share_view(["peft.rank"], ["bayes/val/nll"])
+    view = json.loads(client.get_experiment(tracker.experiment_id).tags[SHARED_VIEW + key])
+    assert view["searchFilter"] == "tags.`distlap.sweep` = 'sweep-1'"
+    assert view["orderByKey"] == f"tags.`{ORDER_TAG}`" and view["orderByAsc"] is True
+    assert view["selectedColumns"][1:] == ["params.`peft.rank`", "metrics.`bayes/val/nll`"]
+
+    run_id = tracker.trial_run("t_1", run_name="trial-000", params={})
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    for name in ("map", "layer_0"):
+        (plots / f"reliability_{name}.png").write_bytes(b"\x89PNG")
+    with TrialRun(tracker.uri, run_id) as run:
+        run.log_history([{"epoch": e, names.EPOCH_TIME: 0.5 * e, names.TRAIN_LOSS: 1.0 / e} for e in (1, 2)])
+        run.log(metrics={names.TIME_PER_EPOCH: 0.75, "bayes/val/nll": 0.4})
+        ids = run.log_subsets(_result(("layer_0", "all")), plots)
+    runs = {r.info.run_id: r for r in client.search_runs([tracker.experiment_id], max_results=100)}
+    order = sorted(runs.values(), key=lambda r: r.data.tags[ORDER_TAG])
+    assert [r.info.run_name for r in order] == ["sweep", "trial-000", "trial-000/layer_0", "trial-000/all"]
+    assert [r.data.tags[ORDER_TAG] for r in order] == [
+        "sweep-1",
+        "sweep-1/trial-000",
+        "sweep-1/trial-000/000",
+        "sweep-1/trial-000/001",
+    ]
+    assert {r.data.tags["distlap.sweep"] for r in order} == {"sweep-1"}  # the view's filter finds them all
+    note = runs[run_id].data.tags[MLFLOW_RUN_NOTE]
+    assert "| `time_per_epoch_s` | fine-tuning time per epoch [s] (lower is better) |" in note
+    assert "| `epoch/time_s` | time of the epoch [s] (lower is better) |" in note
+    assert runs[ids["all"]].data.tags[MLFLOW_RUN_NOTE].startswith("Layer subset all: blocks [0].")
+    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/reliability_map.png"]
+    assert [m.value for m in client.get_metric_history(run_id, names.TIME_PER_EPOCH)] == [0.75]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, names.EPOCH_TIME)] == [
+        (1, 0.5),
+        (2, 1.0),
+    ]

@@ -1,0 +1,187 @@
+"""How a sweep survives failures without fabricating or losing a result.
+
+- :func:`failure_policy`: while the tuner runs, Ray Tune's retry decision (``Trial.should_recover``,
+  Ray 2.60; the one place Tune asks it) follows distlap's rules. A store fault is not the trial's
+  failure: it is not counted, and the sweep stops (the trial continues on ``--resume``). A deterministic
+  failure -- a non-finite loss with this configuration and seed, a bad setting, data set or backbone --
+  is not retried: it would fail the same way. Anything else (a worker lost with its node, an out-of-
+  memory kill) is retried up to ``max_failures`` times, the value of the config being run, so
+  ``--resume max_failures=N`` applies to the restored trials too.
+- :func:`stop_sweep`: the first store fault ends the sweep the way Ctrl-C does (Ray Tune's own SIGUSR1
+  handler: running trials are stopped and saved as unfinished), and the driver prints one message.
+- :func:`replaying`: a trial whose result is already recorded (``trial_result.json`` says ok; Ray's
+  saved state can be older than a trial's end when the driver was killed) reports that result again
+  instead of computing the trial a second time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterator
+
+from ray import tune
+from ray.tune.experiment.trial import Trial
+
+from distlap import names
+from distlap.config import ConfigError
+from distlap.finetune.backbones import BackboneError
+from distlap.finetune.data import DataError
+from distlap.sweep.settings import SweepConfig
+from distlap.sweep.stores import StoreError, store_fault
+from distlap.sweep.tracking import TrialRun
+from distlap.sweep.trainable import TrialFailed
+
+DETERMINISTIC = (TrialFailed, ConfigError, DataError, BackboneError)
+# Where Ray Tune logs a failed trial's traceback, or a failed save of its state.
+_TUNE_LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state", "ray.tune.tune")
+_FAULTS: list[StoreError] = []
+
+
+def reset() -> None:
+    """Forget the faults of an earlier sweep in this process."""
+    _FAULTS.clear()
+
+
+def first_fault() -> StoreError | None:
+    return _FAULTS[0] if _FAULTS else None
+
+
+def stop_sweep(fault: StoreError) -> None:
+    """Record ``fault`` and, the first time, end the tuning loop as Ctrl-C would (state saved)."""
+    _FAULTS.append(fault)
+    if len(_FAULTS) > 1:
+        return
+    if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        raise fault  # no Tune loop to stop gracefully here: the error ends it
+    os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def on_fault(cfg: SweepConfig, error: BaseException) -> bool:
+    """If a store is at fault in ``error``, stop the sweep and return True (the searcher and the
+    callbacks call this; it is picklable with ``functools.partial``)."""
+    fault = store_fault(error, cfg)
+    if fault is None:
+        return False
+    stop_sweep(fault)
+    return True
+
+
+def is_deterministic(error: BaseException | None) -> bool:
+    """The trial would fail the same way again (same configuration, same seed)."""
+    while error is not None:
+        if isinstance(error, DETERMINISTIC):
+            return True
+        error = getattr(error, "cause", None) or error.__cause__
+    return False
+
+
+@contextlib.contextmanager
+def failure_policy(cfg: SweepConfig) -> Iterator[None]:
+    """Ray Tune decides retries by distlap's rules (module docstring) inside this block."""
+    original = Trial.should_recover
+
+    def should_recover(trial: Trial) -> bool:
+        error = _last_error(trial)
+        fault = store_fault(error, cfg) if error is not None else None
+        if fault is not None:
+            trial.run_metadata.num_failures -= 1  # not the trial's failure
+            stop_sweep(fault)
+            return True
+        if is_deterministic(error):
+            return False
+        return trial.run_metadata.num_failures <= cfg.max_failures
+
+    quiet = _StoreFaultFilter(cfg)
+    Trial.should_recover = should_recover
+    for name in _TUNE_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
+    try:
+        yield
+    finally:
+        Trial.should_recover = original
+        for name in _TUNE_LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
+
+
+class _StoreFaultFilter(logging.Filter):
+    """Tune logs a failed trial's whole traceback; for a store fault distlap prints one line instead."""
+
+    def __init__(self, cfg: SweepConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or store_fault(error, self.cfg) is None
+
+
+def _last_error(trial: Trial) -> BaseException | None:
+    """The exception Tune just recorded for ``trial``: its local error pickle (the copy in the sweep's
+    storage is only synced later), else the storage's copy."""
+    import cloudpickle
+
+    try:
+        if trial.pickled_error_file and os.path.isfile(trial.pickled_error_file):
+            with open(trial.pickled_error_file, "rb") as f:
+                return cloudpickle.load(f)
+        return trial.get_pickled_error() or trial.get_error()
+    except Exception:  # noqa: BLE001 - an unreadable error file (e.g. a full disk) is no error class
+        return None
+
+
+def replaying(trainable: Callable) -> Callable:
+    """``trainable``, unless the trial's result is already recorded: then that result is reported."""
+
+    @functools.wraps(trainable)
+    def trial(config: dict, sweep: SweepConfig) -> None:
+        quiet_store_logs()
+        trial_id = tune.get_context().get_trial_id()
+        metrics = recorded_metrics(sweep, trial_id)
+        if metrics is None:
+            return trainable(config, sweep)
+        with TrialRun(sweep.tracking.uri, config[names.RUN_ID]):
+            pass  # FINISHED, in case the driver died before the trial process closed its run
+        print(f"[{trial_id}] stage: done earlier (its recorded result is reported again)", flush=True)
+        tune.report(metrics)
+
+    return trial
+
+
+def recorded_metrics(sweep: SweepConfig, trial_id: str) -> dict | None:
+    """The metrics of a trial that finished ok, from its ``trial_result.json``; None otherwise."""
+    path = sweep.out / names.TRIALS_DIR / trial_id / names.TRIAL_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = record.get("status") == "ok" and sweep.search.metric in record.get("metrics", {})
+    return record["metrics"] if ok else None
+
+
+def reconcile(cfg: SweepConfig) -> None:
+    """After every Ray trial has ended: an Optuna trial still RUNNING (its result was computed but not
+    told, e.g. the driver died in between) is told its recorded result, or FAIL if it has none."""
+    import optuna
+
+    from distlap.sweep.study import load_study
+
+    study = load_study(cfg.search)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        metrics = recorded_metrics(cfg, str(trial.user_attrs.get(names.TRIAL_TAG)))
+        if metrics is not None:
+            study.tell(trial.number, metrics[cfg.search.metric])
+        else:
+            message = "its Ray trial ended without a result (see its error file under ray_results/)"
+            study._storage.set_trial_user_attr(trial._trial_id, names.ERROR, message)
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+
+
+def quiet_store_logs() -> None:
+    """MLflow logs a full traceback for every database error before raising it; the raised error is
+    what distlap reports (one line naming the store)."""
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)

@@ -1,0 +1,180 @@
+"""The fault suite's harness: run the sweep script as a user does, watch its log, read its stores."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from distlap.names import KIND_TAG
+from distlap.sweep.settings import load_sweep_config
+from distlap.sweep.study import load_study
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "sweeps" / "layerwise.py"
+N_SUBSETS = 7  # the smoke backbone: 3 blocks + early / mid / late / all
+
+
+def sweep(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python sweeps/layerwise.py ARGS`` to its end."""
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def start(log: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """The sweep script in the background (its own session, as from a terminal), output in ``log``."""
+    with open(log, "w") as f:
+        return subprocess.Popen(
+            [sys.executable, str(SCRIPT), *args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+
+
+def wait_for(proc: subprocess.Popen, log: Path, ready, timeout: float = 240) -> str:
+    """Poll ``log`` until ``ready(text)``; fail if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text()
+        if ready(text):
+            return text
+        if proc.poll() is not None:
+            pytest.fail(f"the sweep ended (code {proc.returncode}) first:\n{text[-3000:]}")
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"timed out waiting:\n{log.read_text()[-3000:]}")
+
+
+def ids(text: str, marker: str) -> list[str]:
+    """Ray trial ids on ``[<id>] <marker>`` lines and Tune's ``layerwise_trial_<id> <marker>`` lines."""
+    pattern = re.compile(rf"(?:layerwise_trial_(\w+)|\[(\w+)\]) {re.escape(marker)}")
+    return [a or b for a, b in pattern.findall(text)]
+
+
+def runs_by_kind(out: Path) -> dict[str, list]:
+    cfg = load_sweep_config(out / "config.yaml")
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = collections.defaultdict(list)
+    for run in client.search_runs([experiment.experiment_id], max_results=5000):
+        runs[run.data.tags[KIND_TAG]].append(run)
+    return runs
+
+
+def check_exact(out: Path, n: int) -> list[tuple]:
+    """The stores hold exactly ``n`` distinct configurations, each run once to the end: ``n`` COMPLETE
+    Optuna trials with distinct settings, ``n`` FINISHED MLflow trial runs (one per Optuna trial) each
+    with its subset runs, nothing RUNNING anywhere. Returns the configurations."""
+    cfg = load_sweep_config(out / "config.yaml")
+    study = load_study(cfg.search)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * n, study.trials
+    configs = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(configs)) == n, f"a configuration ran twice: {configs}"
+    runs = runs_by_kind(out)
+    assert {r.info.status for kind in runs for r in runs[kind]} == {"FINISHED"}
+    trials = {r.info.run_id: r for r in runs["trial"]}
+    assert sorted(trials) == sorted(t.user_attrs["mlflow_run_id"] for t in study.trials)
+    mlflow_configs = {tuple(sorted((k, r.data.params[k]) for k in cfg.search.space)) for r in trials.values()}
+    assert len(mlflow_configs) == n
+    per_trial = collections.Counter(r.data.tags["mlflow.parentRunId"] for r in runs["subset"])
+    assert all(per_trial[run_id] == N_SUBSETS for run_id in trials), per_trial
+    return configs
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """``folder`` read-only for everyone (root too), as a read-only mount makes it: a read-only bind
+    mount of it onto itself. Skips the test where mounting is not allowed."""
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "--bind", folder, folder], capture_output=True).returncode
+    ):
+        pytest.skip("needs root and mount (a read-only bind mount)")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", folder, folder], check=True, capture_output=True)
+        yield folder
+    finally:
+        for _ in range(20):  # busy while a process still has a file open there
+            if not subprocess.run(["umount", folder], capture_output=True).returncode:
+                break
+            time.sleep(0.5)
+        else:
+            subprocess.run(["umount", "-l", folder], capture_output=True)
+
+
+def _postgres_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(candidates[-1]) if candidates else None
+
+
+@contextlib.contextmanager
+def postgres_server(user: str = "distlap", password: str = "s3cret-for-tests"):
+    """A throwaway PostgreSQL server on 127.0.0.1 with password (SCRAM) authentication and two
+    databases, ``mlflow`` and ``optuna``; yields (host:port, a PGPASSFILE path). The server runs as the
+    ``postgres`` system user when this is root (PostgreSQL refuses root). Skips where PostgreSQL's
+    programs are not installed (Debian: apt-get install postgresql)."""
+    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="distlap-pg-"))
+    root.chmod(0o755)
+    (root / "pw").write_text(password)
+    as_owner = []
+    if os.geteuid() == 0:
+        as_owner = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres")
+        shutil.chown(root / "pw", "postgres")
+    port = _free_port()
+    run = functools.partial(subprocess.run, check=True, capture_output=True, text=True)
+    run([*as_owner, initdb, "-D", root / "data", "-U", user, "-A", "scram-sha-256", "--pwfile", root / "pw"])
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+    run([*as_owner, pg_ctl, "-D", root / "data", "-o", options, "-l", root / "log", "-w", "start"])
+    passfile = root / "pgpass"
+    passfile.write_text(f"127.0.0.1:{port}:*:{user}:{password}\n")
+    passfile.chmod(0o600)
+    try:
+        import psycopg
+
+        with psycopg.connect(
+            host="127.0.0.1", port=port, user=user, password=password, dbname="postgres", autocommit=True
+        ) as conn:
+            for db in ("mlflow", "optuna"):
+                conn.execute(f"CREATE DATABASE {db}")
+        yield f"127.0.0.1:{port}", passfile
+    finally:
+        subprocess.run(
+            [*as_owner, pg_ctl, "-D", root / "data", "-m", "immediate", "stop"], capture_output=True
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
