@@ -11,7 +11,11 @@ additions:
   saved state) are adopted by the next new Ray trials instead of being asked again (with a new MLflow
   run; the dead one is deleted), and the study never
   grows past ``num_samples`` trials, so a resumed sweep ends with exactly ``num_samples`` Optuna trials.
-  One driver per study.
+  One driver per study;
+- with ``search.seeds``, each configuration Optuna proposes runs once per training seed: its first trial
+  takes the first seed and enqueues the configuration again for the others (the Optuna user attribute
+  ``seed``, also the trial's ``seed`` param), so every seed of a configuration is its own Optuna trial,
+  and a repeat is never proposed as a new configuration.
 
 TPE draws trial n's random numbers from a generator seeded with (``seed``, n) (:class:`TrialSeededTPE`),
 not from one stream: the Ray searcher's saved state (its pickled sampler) is older than the study after
@@ -31,7 +35,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from distlap.names import ERROR, RUN_ID, TRIAL_TAG
+from distlap.names import ERROR, RUN_ID, SEED, TRIAL_TAG
 from distlap.sweep.space import SearchConfig, SearchParam
 from distlap.sweep.stores import OPTUNA, StoreError, masked
 from distlap.sweep.study import load_study, storage
@@ -131,6 +135,7 @@ class StudySearch(OptunaSearch):
         )
         self._tracker = tracker
         self._num_samples = cfg.num_samples
+        self._seeds = cfg.seeds
         self._on_fault = on_fault  # True: a store failed and the sweep is stopping (picklable)
         # The dashboard then names the objective (not "Objective 0"); the call is "experimental".
         with warnings.catch_warnings():
@@ -157,10 +162,26 @@ class StudySearch(OptunaSearch):
         else:
             params = super().suggest(trial_id)
         ot_trial = self._ot_trials[trial_id]
+        if self._seeds is not None:
+            params = {**params, SEED: self._seed_of(ot_trial, params)}
         ot_trial.set_user_attr(TRIAL_TAG, trial_id)
         run_id = self._tracker.trial_run(trial_id, run_name=f"trial-{ot_trial.number:03d}", params=params)
         ot_trial.set_user_attr(RUN_ID, run_id)
         return {**params, RUN_ID: run_id}
+
+    def _seed_of(self, ot_trial: optuna.Trial, params: dict) -> int:
+        """A repeat's (or an adopted trial's) seed; a new configuration takes the first seed and queues
+        itself for the others, unless a driver killed between the two already queued them."""
+        seed = self._ot_study._storage.get_trial(ot_trial._trial_id).user_attrs.get(SEED)
+        if seed is not None:
+            return seed
+        waiting = self._ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        queued = {t.user_attrs.get(SEED) for t in waiting if t.system_attrs.get("fixed_params") == params}
+        for repeat in self._seeds[1:]:
+            if repeat not in queued:
+                self._ot_study.enqueue_trial(params, user_attrs={SEED: repeat})
+        ot_trial.set_user_attr(SEED, self._seeds[0])
+        return self._seeds[0]
 
     def _discard_run(self, orphan: optuna.trial.FrozenTrial) -> None:
         """The orphan's MLflow run (and its subset runs) is deleted: its Ray trial died with the driver,

@@ -139,6 +139,11 @@ class SearchConfig(_Strict):
                 f"search.num_samples={self.num_samples} is not a multiple of the {self.n_seeds} "
                 f"search.seeds {self.seeds}: every configuration runs once per seed"
             )
+        if len(self.points_to_evaluate) * self.n_seeds > self.num_samples:
+            raise ValueError(
+                f"search.points_to_evaluate: {len(self.points_to_evaluate)} points x {self.n_seeds} seeds "
+                f"need search.num_samples >= {len(self.points_to_evaluate) * self.n_seeds}"
+            )
         return self
 
     @model_validator(mode="after")

@@ -28,22 +28,24 @@ LOW, HIGH = names.interval(DELTA)
 TEST = names.scores("subset", "test")
 
 ROOT = Path(__file__).resolve().parents[2]
-# Fixed points instead of TPE draws, so the fixture is the same sweep every time: configuration A twice
-# (seeds 0 and 1, aggregated by the report) and configuration B once.
+# Fixed points instead of TPE draws, so the fixture is the same sweep every time: configurations A and B,
+# each with seeds 0 and 1 (search.seeds: aggregated by the report).
 SMOKE = [
-    "search.num_samples=3",
-    "resources.cpus_per_trial=0.5",  # all three at once on 2 cores
-    "search.space.seed={kind: choice, values: [0, 1]}",
-    "search.points_to_evaluate=[{train.prior_precision: 10.0, peft.rank: 2, seed: 0}, "
-    "{train.prior_precision: 10.0, peft.rank: 2, seed: 1}, "
-    "{train.prior_precision: 100.0, peft.rank: 4, seed: 0}]",
+    "search.num_samples=4",
+    "search.seeds=[0, 1]",
+    "resources.cpus_per_trial=0.5",  # all four at once on 2 cores
+    "search.points_to_evaluate=[{train.prior_precision: 10.0, peft.rank: 2}, "
+    "{train.prior_precision: 100.0, peft.rank: 4}]",
 ]
 FILES = [
+    "lead_table.csv",
     "summary_table.csv",
     "subset_ranking.csv",
     "trials.csv",
     "analysis_summary.json",
     "report.html",
+    "shapley.png",
+    "best_k.png",
     "delta_ece_ranked.png",
     "delta_ece_sequential.png",
     "ece_comparison.png",
@@ -52,6 +54,7 @@ FILES = [
     "reliability_best_layer.png",
     "optuna_history.png",
     "optuna_contour.png",
+    "optuna_importances.png",
 ]
 FIGURE_PX = (450, 800)  # analysis.figures: 8 x 4.5 in at 100 dpi (height, width)
 RELIABILITY_PX = (520, 420)  # distlap.plots.reliability_diagram: 4.2 x 5.2 in at 100 dpi
@@ -100,7 +103,7 @@ def _summary(report: Path) -> dict:
 def test_every_file_is_written_and_logged_to_mlflow(report, sweep_dir):
     assert sorted(p.name for p in report.iterdir()) == sorted(FILES)
     found = _summary(report)
-    assert found["figures"]["optuna_importances"].startswith("not drawn: needs at least 4 finished trials")
+    assert found["figures"]["optuna_importances"] == "optuna_importances.png"  # 4 finished trials
     run_id = found["mlflow"]["parent_run_id"]
     client = MlflowClient(f"sqlite:///{sweep_dir / 'mlflow.db'}")
     assert client.get_run(run_id).data.tags["distlap.kind"] == "sweep"
@@ -131,7 +134,7 @@ def test_seed_aggregation_and_confidence_intervals(report, results):
     table = pd.read_csv(report / "summary_table.csv")
     assert {DELTA, LOW, HIGH, "ci_method", f"{DELTA}_std", "n_seeds", *TEST.values()} <= set(table.columns)
     assert (table[LOW] <= table[DELTA]).all() and (table[DELTA] <= table[HIGH]).all()
-    assert sorted(table.groupby("configuration").n_seeds.first()) == [1, 2]
+    assert sorted(table.groupby("configuration").n_seeds.first()) == [2, 2]
     for _, row in table.iterrows():
         runs = [
             r["json"]["subsets"][row.subset]
@@ -162,15 +165,15 @@ def test_findings(report, sweep_dir):
     overlap = every[LOW] <= layer[HIGH] and layer[LOW] <= every[HIGH]
     assert cmp["cis_separate"] is (not overlap)
     assert found["trials"] == {
-        "planned": 3,
-        "started": 3,
-        "with_results": 3,
+        "planned": 4,
+        "started": 4,
+        "with_results": 4,
         "not_started": 0,
-        "by_status": {"ok": 3},
+        "by_status": {"ok": 4},
         "missing": [],
         "complete": True,
     }
-    assert len(found["cost"]["per_trial"]) == 3 and found["cost"]["mean_per_trial"][names.FIT_TIME] > 0
+    assert len(found["cost"]["per_trial"]) == 4 and found["cost"]["mean_per_trial"][names.FIT_TIME] > 0
     assert found["best_group"]["subset"] in {"early", "mid", "late"}
 
 
@@ -181,7 +184,7 @@ def test_html_embeds_every_image(report):
         assert f"data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}" in page, png.name
     assert page.count("data:image/png;base64,") == len(pngs)
     assert "http://" not in page and "https://" not in page and "<script" not in page  # opens offline
-    assert "optuna_importances: not drawn" in page and "Subsets ranked by Δ_ECE" in page
+    assert "not drawn" not in page and "Subsets ranked by Δ_ECE" in page
 
 
 def test_pngs_are_images_of_the_expected_size(report):
@@ -216,22 +219,27 @@ def test_report_from_mlflow_matches_the_folder(report, sweep_dir, tmp_path):
 
 
 def test_partial_sweep_reports_what_exists_and_what_is_missing(sweep_dir, results, tmp_path):
-    """One trial lost its results (and one planned trial never started): the rest is reported."""
+    """One trial lost its results (and two planned trials never started): the rest is reported."""
     partial = copy_sweep(sweep_dir, tmp_path / "partial")
-    lost = results[1]["trial_id"]  # seed 1 of the two-seed configuration
+    lost = results[1]["trial_id"]  # one seed of the second configuration
     (partial / "trials" / lost / "layer_wise_results.json").unlink()
     cfg = yaml.safe_load((partial / "config.yaml").read_text())
-    cfg["search"]["num_samples"] = 4
+    cfg["search"]["num_samples"] = 6
     (partial / "config.yaml").write_text(yaml.safe_dump(cfg))
     report = write_report(load_folder(partial), partial / "report", log_mlflow=False, log=lambda m: None)
     found = _summary(report)
     counts = found["trials"]
     assert counts["missing"] == [{"optuna_trial": 1, "trial_id": lost, "status": "ok", "error": None}]
-    assert (counts["with_results"], counts["not_started"], counts["complete"]) == (2, 1, False)
+    assert (counts["with_results"], counts["not_started"], counts["complete"]) == (3, 2, False)
     table = pd.read_csv(report / "summary_table.csv")
-    assert (table.n_seeds == 1).all() and not table.trial_ids.str.contains(lost).any()
+    lost_config = (
+        table.configuration
+        == table.configuration[table.trial_ids.str.contains(results[3]["trial_id"])].iloc[0]
+    )
+    assert (table.n_seeds[lost_config] == 1).all() and (table.n_seeds[~lost_config] == 2).all()
+    assert not table.trial_ids.str.contains(lost).any()
     page = (report / "report.html").read_text(encoding="utf-8")
-    assert "this report is partial" in page and lost in page and "1 of 4 planned trials not started" in page
+    assert "this report is partial" in page and lost in page and "2 of 6 planned trials not started" in page
     assert all((report / f).is_file() for f in FILES)
 
 
@@ -240,7 +248,7 @@ def test_no_results_yet_is_a_clear_error(sweep_dir, tmp_path):
     for results_file in empty.glob("trials/*/layer_wise_results.json"):
         results_file.unlink()
     no_results = (
-        r"no trial of sweep 'smoke' .* has layer-wise results yet \(3 planned, 3 started: {'ok': 3}\)"
+        r"no trial of sweep 'smoke' .* has layer-wise results yet \(4 planned, 4 started: {'ok': 4}\)"
     )
     with pytest.raises(ReportError, match=no_results):
         build_report(empty, log_mlflow=False)
@@ -250,7 +258,7 @@ def test_no_results_yet_is_a_clear_error(sweep_dir, tmp_path):
     cfg["search"]["storage"] = f"sqlite:///{fresh / 'optuna.db'}"
     (fresh / "config.yaml").write_text(yaml.safe_dump(cfg))
     optuna.create_study(study_name=cfg["search"]["study_name"], storage=cfg["search"]["storage"])
-    with pytest.raises(ReportError, match=r"\(3 planned, 0 started: none\)"):
+    with pytest.raises(ReportError, match=r"\(4 planned, 0 started: none\)"):
         build_report(fresh, log_mlflow=False)
 
 

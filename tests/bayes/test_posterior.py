@@ -65,12 +65,17 @@ def test_kron_marginal_equals_refit_with_only_subset(subset):
 
 def test_samples_follow_the_posterior():
     model = lora_model()
-    cfg = LaplaceConfig(hessian_structure="diag", n_samples=20000)
+    cfg = LaplaceConfig(hessian_structure="diag", n_samples=10000, n_sample_sets=2)
     post = build_posterior(model, "lora", loader(), cfg, prior_precision=2.0, seed=0)
-    assert post.deltas.shape == (20000, post.n_params)
+    assert post.deltas.shape == (20000, post.n_params) and post.n_sets == 2  # n_samples per set
     torch.testing.assert_close(post.deltas.var(0), post.variance, rtol=0.06, atol=0)
     again = build_posterior(
-        model, "lora", loader(), cfg.model_copy(update={"n_samples": 3}), prior_precision=2.0, seed=0
+        model,
+        "lora",
+        loader(),
+        cfg.model_copy(update={"n_samples": 3, "n_sample_sets": 1}),
+        prior_precision=2.0,
+        seed=0,
     )
     torch.testing.assert_close(again.deltas, post.deltas[:3])  # seeded: the same first draws
 

@@ -5,7 +5,7 @@ import pytest
 from mlflow import MlflowClient
 from ray.tune.search import Searcher
 
-from distlap.names import ERROR, RUN_ID, TRIAL_TAG
+from distlap.names import ERROR, RUN_ID, SEED, TRIAL_TAG
 from distlap.sweep.search import StudySearch, TrialSeededTPE, sampler
 from distlap.sweep.settings import SweepConfig, resolve
 from distlap.sweep.space import SearchConfig
@@ -116,3 +116,38 @@ def test_grid_ends_without_a_study_stop_warning(recwarn):
         trial.suggest_categorical("peft.rank", [2, 4])
         study.tell(trial, 1.0)  # raised RuntimeError("`Study.stop` is supposed to be invoked ...") at the end
     assert sorted(t.params["peft.rank"] for t in study.trials) == [2, 4]
+
+
+def _config(suggestion: dict) -> tuple:
+    return tuple(sorted((k, v) for k, v in suggestion.items() if k not in (RUN_ID, SEED)))
+
+
+def test_seeds_run_every_configuration_once_per_seed_and_survive_a_crash(tmp_path):
+    """search.seeds=[0, 1, 2], 9 trials: three configurations (one a point to evaluate), each asked once
+    and run with every seed exactly once, each seed its own Optuna trial and MLflow run. The driver dies
+    after a new configuration was asked (its repeats queued): the resumed searcher adopts it with its
+    seed and queues nothing twice."""
+    point = {"train.prior_precision": 10.0, "peft.rank": 4}
+    search = {"num_samples": 9, "seeds": [0, 1, 2], "points_to_evaluate": [point]}
+    cfg = resolve(SweepConfig(output_dir=str(tmp_path), search=search))
+    tracker = SweepTracker.open(cfg.tracking.uri, "exp", cfg.search.study_name, run_name="s")
+    first = StudySearch(cfg.search, tracker)
+    got = [first.suggest("ray_0")]
+    first.save(tmp_path / "searcher.pkl")
+    got += [first.suggest(f"ray_{i}") for i in (1, 2, 3)]  # ... then the driver is killed
+
+    resumed = StudySearch(cfg.search, tracker)
+    resumed.restore(tmp_path / "searcher.pkl")
+    got += [resumed.suggest(f"ray_r{i}") for i in range(8)]  # 3 adopted orphans, then 5 new
+    got = [g for g in got[:1] + got[4:] if g != Searcher.FINISHED]
+    assert len(got) == 9 and _config(got[0]) == tuple(sorted(point.items()))
+    runs: dict[tuple, list[int]] = {}
+    for g in got:
+        runs.setdefault(_config(g), []).append(g[SEED])
+    assert sorted(sorted(s) for s in runs.values()) == [[0, 1, 2]] * 3
+    study = load_study(cfg.search)
+    asked = [t for t in study.trials if t.state != optuna.trial.TrialState.WAITING]
+    assert len(asked) == 9 and sorted(t.user_attrs[SEED] for t in asked) == [0] * 3 + [1] * 3 + [2] * 3
+    assert resumed.suggest("ray_end") == Searcher.FINISHED
+    params = MlflowClient(cfg.tracking.uri).get_run(got[-1][RUN_ID]).data.params
+    assert params[SEED] == str(got[-1][SEED])

@@ -60,6 +60,10 @@ def test_bad_ranges_are_refused(param, match):
         ({"seeds": [0, 0]}, r"need distinct seeds >= 0"),
         ({"seeds": [0, 1, 2], "num_samples": 4}, r"num_samples=4 is not a multiple of the 3 search.seeds"),
         ({"space": {"seed": {"kind": "choice", "values": [0, 1]}}}, r"TPE would optimise the seed"),
+        (
+            {"seeds": [0, 1], "num_samples": 2, "points_to_evaluate": [{"peft.rank": 2}, {"peft.rank": 4}]},
+            r"2 points x 2 seeds need search.num_samples >= 4",
+        ),
     ],
 )
 def test_bad_seeds_fail_before_work(fields, match):
