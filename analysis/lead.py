@@ -233,19 +233,20 @@ def _shift_ood_line(table: pd.DataFrame) -> list[str]:
     return [line]
 
 
-def _switched_off(results: list[dict], tol: float = 1e-2) -> list[str]:
-    """Blocks whose MAP update is (nearly) zero in every seed: their linearised posterior changes
-    nothing, so 'this block does not matter' there is a property of the MAP, not of the block."""
+def _switched_off(results: list[dict], tol: float = 1e-2, floor: float = 1e-2) -> list[str]:
+    """Blocks whose MAP update is (nearly) zero in every seed, under ``tol`` of the largest block's or
+    under ``floor`` in norm (when every block is off): their linearised posterior changes nothing, so
+    'this block does not matter' there is a property of the MAP, not of the block."""
     updates = [r.get(names.BLOCK_UPDATE) for r in results]
     if not updates or any(u is None for u in updates):
         return []
     u = np.array(updates)
-    off = [b for b in range(u.shape[1]) if (u[:, b] < tol * u.max(1)).all()]
+    off = [b for b in range(u.shape[1]) if (u[:, b] < np.maximum(tol * u.max(1), floor)).all()]
     if not off:
         return []
     return [
         f"The MAP switched off block{'s' * (len(off) > 1)} {', '.join(map(str, off))} (‖θ* − θ₀‖ under "
-        f"{tol:.0%} of the largest block's, every seed): a Gaussian prior on LoRA factors is a "
-        "nuclear-norm penalty on their product, and at A = B = 0 the linearised posterior of a block "
-        "changes nothing; read those blocks' rows as 'off at the MAP', not 'irrelevant'."
+        f"{tol:.0%} of the largest block's or under {floor:g}, every seed): a Gaussian prior on LoRA "
+        "factors is a nuclear-norm penalty on their product, and at A = B = 0 the linearised posterior "
+        "of a block changes nothing; read those blocks' rows as 'off at the MAP', not 'irrelevant'."
     ]

@@ -363,17 +363,28 @@ class TrialRun:
             self.client.log_artifact(run_id, str(png), artifact_path)
 
 
+DESCRIPTION_CHARS = 7900  # MLflow keeps 8,000 characters of a run's description (and warns past them)
+
+
 def describe_metrics(metrics: Iterable[str], heading: str = "") -> str:
-    """A run's description: each metric key with its meaning from :mod:`distlap.names` (Markdown)."""
-    rows = []
-    for key in sorted(metrics):
+    """A run's description: each metric key with its meaning from :mod:`distlap.names` (Markdown), as
+    many rows as MLflow keeps, then how many more there are."""
+    keys = sorted(metrics)
+    lines = [
+        *([heading, ""] if heading else []),
+        *(["| metric | meaning |", "| --- | --- |"] if keys else []),
+    ]
+    for i, key in enumerate(keys):
         try:
             meaning = names.describe(key).axis()
         except KeyError:
             meaning = ""
-        rows.append(f"| `{key}` | {meaning} |")
-    table = ["| metric | meaning |", "| --- | --- |", *rows] if rows else []
-    return "\n".join([*([heading, ""] if heading else []), *table])
+        row = f"| `{key}` | {meaning} |"
+        if sum(len(x) + 1 for x in [*lines, row]) + 80 > DESCRIPTION_CHARS:
+            lines.append(f"\n... and {len(keys) - i} more metrics (their meanings: distlap.names)")
+            break
+        lines.append(row)
+    return "\n".join(lines)
 
 
 def experiment_id(uri: str, experiment: str) -> str | None:

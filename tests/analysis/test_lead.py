@@ -91,3 +91,14 @@ def test_results_without_replicates_say_so():
     del old["inference"]
     table = lead.lead_table([old])
     assert table.empty and "No saved replicates" in lead.verdict(table, [old])[0]
+
+
+def test_blocks_all_but_off_are_named_switched_off():
+    """Every block's update tiny (the strong-prior LoRA MAP): all are off, not only those under 1% of the
+    largest; a block moved in one seed is not off."""
+    results = [_result(s) for s in range(2)]
+    results[0][names.BLOCK_UPDATE], results[1][names.BLOCK_UPDATE] = [0.009, 0.002], [0.6, 0.001]
+    lines = lead.verdict(lead.lead_table(results), results)
+    assert any("switched off block 1 (" in line for line in lines)
+    results[1][names.BLOCK_UPDATE] = [0.004, 0.001]
+    assert any("switched off blocks 0, 1" in line for line in lead.verdict(lead.lead_table(results), results))

@@ -7,7 +7,15 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from distlap import names
 from distlap.names import ERROR as ERROR_TAG
 from distlap.names import KIND_TAG, SUBSET_TAG, TRIAL_TAG
-from distlap.sweep.tracking import SweepTracker, TrialRun, flatten, provenance_tags, retry_locked
+from distlap.sweep.tracking import (
+    DESCRIPTION_CHARS,
+    SweepTracker,
+    TrialRun,
+    describe_metrics,
+    flatten,
+    provenance_tags,
+    retry_locked,
+)
 
 
 def _result(subsets=("layer_0", "all")) -> dict:
@@ -235,3 +243,16 @@ def test_the_ui_sees_a_model_training_experiment_and_the_runs_as_a_tree(tracker,
         (1, 0.5),
         (2, 1.0),
     ]
+
+
+def test_a_long_description_fits_mlflow_and_says_what_it_left_out():
+    """A trial with shift and OOD metrics has ~100 keys: the description keeps what MLflow stores
+    (8,000 characters) and counts the rest, instead of MLflow truncating it mid-row with a warning."""
+    keys = [names.scores(p, "test")[s] for p in ("map", "subset", "temp", "lla") for s in ("ece", "nll")]
+    short = describe_metrics(keys, "Trial")
+    assert short.count("\n| `") == len(keys) and "more metrics" not in short
+    many = [f"{k}_{i}" for i in range(40) for k in keys]
+    text = describe_metrics(many, "Trial")
+    assert len(text) <= DESCRIPTION_CHARS and text.endswith("more metrics (their meanings: distlap.names)")
+    shown = text.count("\n| `")
+    assert f"... and {len(many) - shown} more metrics" in text
