@@ -121,6 +121,7 @@ def train(ft: FineTuned, *, log=print, on_epoch=None, resume: dict | None = None
         n_bins=cfg.n_bins,
         on_epoch=epoch_done,
         resume=resume,
+        log=log,
     )
     if ft.train.status != "ok":
         log(f"[distlap] fine-tuning FAILED: {ft.train.message}")

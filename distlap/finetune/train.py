@@ -105,13 +105,15 @@ def fit_map(
     n_bins: int = 15,
     on_epoch: Callable[[dict[str, float], dict], None] | None = None,
     resume: dict | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train the parameters with ``requires_grad`` (``model``: pixel_values -> logits) to the MAP.
 
     With ``prior``: Adam on the negative log joint, then L-BFGS to stationarity (module doc). Without
     (distlap's own backbone pretraining): AdamW with weight decay λ/N, plain regularised training.
     ``on_epoch(row, state)`` receives each epoch's row and the optimiser state; ``fit_map(...,
-    resume=state)`` continues after that epoch with the same numbers. A non-finite loss returns
+    resume=state)`` continues after that epoch with the same numbers; ``log`` receives L-BFGS progress
+    lines (every :data:`LBFGS_EVERY` steps). A non-finite loss returns
     ``status="failed"`` with the reason; it never raises, so a sweep records the failure and goes on.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -130,7 +132,7 @@ def fit_map(
         if on_epoch is not None:
             on_epoch(row, _state(optimiser, schedule, train_loader, result.history))
     if prior is not None and cfg.converge:
-        result.lbfgs_steps, result.stationarity = converge(model, train_loader, prior, cfg, device)
+        result.lbfgs_steps, result.stationarity = converge(model, train_loader, prior, cfg, device, log)
     elif prior is not None:  # no L-BFGS, but how far θ* is from a mode is always recorded
         result.stationarity = stationarity(model, train_loader, prior, device)
     return result
@@ -234,7 +236,10 @@ def stationarity(model: nn.Module, loader: DataLoader, prior: GaussianPrior, dev
     return (joint.norm() / nll.norm().clamp_min(1e-30)).item()
 
 
-def converge(model: nn.Module, loader: DataLoader, prior: GaussianPrior, cfg: TrainConfig, device) -> tuple:
+LBFGS_EVERY = 50  # L-BFGS steps between progress lines
+
+
+def converge(model: nn.Module, loader: DataLoader, prior: GaussianPrior, cfg: TrainConfig, device, log=None):
     """Full-batch L-BFGS (scipy's L-BFGS-B, Byrd et al. 1995: its Moré-Thuente line search is robust to
     the fp32 noise that stalls torch's) on L, until ``stationarity ≤ train.stationarity_tol`` or
     ``train.max_lbfgs_steps`` iterations; returns (iterations, stationarity reached)."""
@@ -252,6 +257,12 @@ def converge(model: nn.Module, loader: DataLoader, prior: GaussianPrior, cfg: Tr
     def stop_when_stationary(intermediate_result) -> None:
         if not np.array_equal(last["x"], intermediate_result.x):
             objective(intermediate_result.x)
+        last["steps"] = last.get("steps", 0) + 1
+        if log is not None and last["steps"] % LBFGS_EVERY == 0:
+            log(
+                f"[distlap] L-BFGS step {last['steps']}/{cfg.max_lbfgs_steps}: "
+                f"stationarity {last['ratio']:.2e}"
+            )
         if last["ratio"] <= cfg.stationarity_tol:
             raise StopIteration
 

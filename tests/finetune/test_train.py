@@ -154,3 +154,21 @@ def test_lr_schedules(schedule, mid, end):
     assert f(10) == pytest.approx(1.0)
     assert f(61) == pytest.approx(mid, abs=1e-9)
     assert f(111) == pytest.approx(end, abs=1e-9)
+
+
+def test_lbfgs_reports_progress_while_it_runs(monkeypatch):
+    """A long L-BFGS run says where it is every LBFGS_EVERY steps (here every step, with its number)."""
+    from distlap.finetune import train
+
+    monkeypatch.setattr(train, "LBFGS_EVERY", 1)
+    torch.manual_seed(0)
+    model, loader = nn.Linear(4, 3), blobs()
+    lines: list[str] = []
+    cfg = TrainConfig(epochs=1, stationarity_tol=1e-12, max_lbfgs_steps=20)
+    result = fit_map(model, loader, None, cfg, CPU, prior=_prior(model, 1.0, 200), log=lines.append)
+    assert result.lbfgs_steps >= 2 and len(lines) >= 2
+    assert [line.split(":")[0] for line in lines[:2]] == [
+        "[distlap] L-BFGS step 1/20",
+        "[distlap] L-BFGS step 2/20",
+    ]
+    assert all("stationarity" in line for line in lines)
