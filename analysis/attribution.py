@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis.aggregate import TIE
 from analysis.figures import plt, save
 from distlap import names
 
@@ -133,10 +134,11 @@ def ranking_survives(ranked: pd.DataFrame) -> dict:
     tuned = names.delta("subset_tuned", "test", "ece")
     if tuned not in ranked or ranked[tuned].isna().all():
         return {"available": False}
-    glob = ranked[names.delta("subset", "test", "ece")]
-    tau = stats.kendalltau(glob, ranked[tuned]).statistic
-    top = ranked[names.SUBSET].iloc[int(np.argmax(glob))]
-    top_tuned = ranked[names.SUBSET].iloc[int(np.argmax(ranked[tuned]))]
+    glob = (ranked[names.delta("subset", "test", "ece")] / TIE).round()  # float noise is a tie
+    own = (ranked[tuned] / TIE).round()
+    tau = stats.kendalltau(glob, own).statistic
+    top = ranked[names.SUBSET].iloc[int(np.argmax(glob))]  # the first of tied rows, in rank order
+    top_tuned = ranked[names.SUBSET].iloc[int(np.argmax(own))]
     return {
         "available": True,
         "kendall_tau": float(tau),

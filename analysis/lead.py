@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis.aggregate import TIE
 from analysis.page import with_interval
 from distlap import intervals, names, ranking, seed_intervals
 
@@ -187,13 +188,20 @@ def _baseline_line(table: pd.DataFrame, name: str) -> str:
     )
 
 
+def _first_best(rows: pd.DataFrame, column: str, *, ascending: bool) -> str:
+    """The best row by ``column``; values within :data:`analysis.aggregate.TIE` are tied and the first
+    row wins (single blocks in depth order, then groups): float noise on equal values picks no name."""
+    key = (rows[column] / TIE).round()
+    return rows.loc[key.sort_values(ascending=ascending, kind="stable").index, "name"].iloc[0]
+
+
 def _best_vs_temperature(table: pd.DataFrame, results: list[dict]) -> list[str]:
     """The best subset against temperature scaling, from the paired replicates of their difference."""
     reps = pooled(results)
     subsets = table[table[BLOCKS].notna()]
     if reps is None or subsets.empty or "temp" not in reps["ece"].names:
         return []
-    best = subsets.sort_values(DELTAS["ece"], ascending=False)["name"].iloc[0]
+    best = _first_best(subsets, DELTAS["ece"], ascending=False)
     pair = intervals.select(reps["ece"], [best, "temp"])
     diff = ranking.pairwise(pair)
     low, high = intervals.percentile_interval(diff.replicates, LEVEL)
@@ -217,7 +225,7 @@ def _shift_ood_line(table: pd.DataFrame) -> list[str]:
     subsets = table[table[BLOCKS].notna()].dropna(subset=[SHIFT_ECE])
     shown = [n for n in ("map", "temp", "lla") if n in rows.index]
     if not subsets.empty:
-        shown.append(subsets.sort_values(SHIFT_ECE)["name"].iloc[0])
+        shown.append(_first_best(subsets, SHIFT_ECE, ascending=True))
     parts = [f"{rows.loc[n, PREDICTIVE]} {rows.loc[n, SHIFT_ECE]:.4f}" for n in shown]
     line = "ECE under shift (mean over the corrupted sets): " + ", ".join(parts) + "."
     if FAR in rows:

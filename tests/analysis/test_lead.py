@@ -2,6 +2,7 @@
 better than the MAP, one identical to the MAP, a worse one; their replicates computed for real."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -102,3 +103,12 @@ def test_blocks_all_but_off_are_named_switched_off():
     assert any("switched off block 1 (" in line for line in lines)
     results[1][names.BLOCK_UPDATE] = [0.004, 0.001]
     assert any("switched off blocks 0, 1" in line for line in lead.verdict(lead.lead_table(results), results))
+
+
+def test_float_noise_on_equal_deltas_is_a_tie_and_the_first_row_wins():
+    """Switched-off blocks have Δ = 0 up to fp32 noise (~1e-8): the noise must not choose the 'best'."""
+    rows = pd.DataFrame({"name": ["layer_0", "layer_1", "layer_2"], "d": [-7e-4, -3e-8, 2e-8]})
+    assert lead._first_best(rows, "d", ascending=False) == "layer_1"
+    rows.loc[0, "d"] = 1e-3
+    assert lead._first_best(rows, "d", ascending=False) == "layer_0"
+    assert lead._first_best(rows, "d", ascending=True) == "layer_1"
