@@ -139,9 +139,12 @@ def display(table: pd.DataFrame) -> pd.DataFrame:
         return table
     shown = with_interval(table, [*DELTAS.values(), SHIFT_ECE, NEAR, FAR])
     shown[P_HOLM] = [f"{p:.3g}" if pd.notna(p) else "" for p in table.get(P_HOLM, np.nan)]
-    for col in (SHAPLEY, COST):
-        if col in shown:
-            shown[col] = [f"{v:.4g}" if pd.notna(v) else "" for v in table[col]]
+    if DISTINCT in shown:
+        shown[DISTINCT] = ["" if pd.isna(d) else ("yes" if d else "no") for d in table[DISTINCT]]
+    if SHAPLEY in shown:
+        shown[SHAPLEY] = [f"{v:+.4f}" if pd.notna(v) else "" for v in table[SHAPLEY]]
+    if COST in shown:
+        shown[COST] = [f"{v:.2f}" if pd.notna(v) else "" for v in table[COST]]
     return shown.drop(columns=["name"])
 
 

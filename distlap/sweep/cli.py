@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def main(
         parser.error("--smoke-test is a config of its own; drop --config")
     if args.resume and (args.config or args.smoke_test or not args.output):
         parser.error("--resume takes --output DIR (the sweep to continue), no --config or --smoke-test")
-    cfg = None
+    cfg, start = None, time.monotonic()
     try:
         cfg = _config(kind, args, *configs)
         summary = run_sweep(cfg, resume=args.resume)
@@ -60,12 +61,12 @@ def main(
             file=sys.stderr,
         )
         return 130
-    return _ended(cfg, summary, report)
+    return _ended(cfg, summary, report, start)
 
 
-def _ended(cfg: SweepConfig, summary, report: Callable[[Path], object]) -> int:
+def _ended(cfg: SweepConfig, summary, report: Callable[[Path], object], start: float) -> int:
     """The exit code of a sweep that returned its summary; the report if any trial is ok; then the
-    closing lines, the last ones printed: where everything is, how to look at it."""
+    closing lines, the last ones printed: the wall time, where everything is, how to look at it."""
     if len(summary) < cfg.search.num_samples or (summary[STATUS] == "unfinished").any():
         code = 130  # interrupted: --resume continues it
     elif not (summary[STATUS] == "ok").any():
@@ -73,7 +74,7 @@ def _ended(cfg: SweepConfig, summary, report: Callable[[Path], object]) -> int:
     else:
         _report(report, cfg.out)
         code = 0
-    print_closing(cfg)
+    print_closing(cfg, wall_s=time.monotonic() - start)
     return code
 
 

@@ -375,7 +375,10 @@ def closing_lines(cfg: SweepConfig, experiment_id: str | None) -> list[str]:
     return lines
 
 
-def print_closing(cfg: SweepConfig, log: Callable[[str], None] = print) -> None:
-    """:func:`closing_lines` with the experiment's id read from MLflow."""
+def print_closing(cfg: SweepConfig, log: Callable[[str], None] = print, wall_s: float | None = None) -> None:
+    """The sweep's wall time (start-up, trials and report), then :func:`closing_lines` with the
+    experiment's id read from MLflow."""
+    if wall_s is not None:
+        log(f"[sweep] finished in {_clock(wall_s)} (start-up, trials and report)")
     for line in closing_lines(cfg, experiment_id(cfg.tracking.uri, cfg.tracking.experiment)):
         log(line)

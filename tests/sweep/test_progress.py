@@ -13,6 +13,7 @@ from distlap.sweep.progress import (
     closing_lines,
     describe_params,
     key_metrics,
+    print_closing,
     quiet_start,
     runs_url,
     time_left,
@@ -177,3 +178,13 @@ def test_the_end_waits_for_the_last_lines_of_trials_finished_in_this_run(tmp_pat
     start = time.monotonic()
     view._drain({"a", "c"}, timeout_s=0.5)  # c's never comes: wait no longer than the timeout
     assert 0.4 < time.monotonic() - start < 2
+
+
+def test_the_sweep_ends_with_its_wall_time(tmp_path):
+    """The first closing line is the time the whole sweep took (the README's budget is checked by it)."""
+    cfg = _cfg(tmp_path)
+    cfg.out.mkdir(parents=True)
+    lines: list[str] = []
+    print_closing(cfg, lines.append, wall_s=171.2)
+    assert lines[0] == "[sweep] finished in 2:51 (start-up, trials and report)"
+    assert lines[1] == f"[sweep] everything is in {cfg.out}:"
