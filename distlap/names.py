@@ -16,6 +16,7 @@ as step and never under a final metric's key.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -74,16 +75,17 @@ DELTA = "delta_"
 LOW, HIGH = "_low", "_high"
 
 
-def score(predictive: str, split: str, name: str) -> str:
-    """``score("map", "test", "ece") == "map/test/ece"``; a name outside the vocabulary is a KeyError."""
-    for value, allowed, what in (
-        (predictive, PREDICTIVES, "predictive"),
-        (split, SPLITS, "split"),
-        (name, SCORES, "score"),
-    ):
+def _key(*parts: tuple[str, Mapping | tuple, str]) -> str:
+    """``part/part/part`` from (value, allowed values, what it is); a value outside them is a KeyError."""
+    for value, allowed, what in parts:
         if value not in allowed:
             raise KeyError(f"{value!r} is not a {what} of distlap.names ({', '.join(allowed)})")
-    return f"{predictive}/{split}/{name}"
+    return "/".join(value for value, _, _ in parts)
+
+
+def score(predictive: str, split: str, name: str) -> str:
+    """``score("map", "test", "ece") == "map/test/ece"``; a name outside the vocabulary is a KeyError."""
+    return _key((predictive, PREDICTIVES, "predictive"), (split, SPLITS, "split"), (name, SCORES, "score"))
 
 
 def scores(predictive: str, split: str) -> dict[str, str]:
@@ -98,14 +100,9 @@ def delta(predictive: str, split: str, name: str = "ece") -> str:
 
 def ood(predictive: str, which: str, name: str) -> str:
     """``ood("map", "near_ood", "auroc_entropy") == "map/near_ood/auroc_entropy"``."""
-    for value, allowed, what in (
-        (predictive, PREDICTIVES, "predictive"),
-        (which, OOD_SETS, "OOD set"),
-        (name, OOD_SCORES, "OOD score"),
-    ):
-        if value not in allowed:
-            raise KeyError(f"{value!r} is not a {what} of distlap.names ({', '.join(allowed)})")
-    return f"{predictive}/{which}/{name}"
+    return _key(
+        (predictive, PREDICTIVES, "predictive"), (which, OOD_SETS, "OOD set"), (name, OOD_SCORES, "OOD score")
+    )
 
 
 def interval(key: str) -> tuple[str, str]:
