@@ -36,6 +36,24 @@ def mean_std(table: pd.DataFrame, columns: list[str], digits: int = 4) -> pd.Dat
     return out
 
 
+def with_interval(table: pd.DataFrame, columns: list[str], digits: int = 4) -> pd.DataFrame:
+    """Display copy: each of ``columns`` as "estimate [low, high]" where ``<col>_low`` / ``_high`` exist;
+    the bound columns are dropped."""
+    out = table.copy()
+    for col in columns:
+        if col not in table:
+            continue
+        lo, hi = (table.get(f"{col}_{b}", pd.Series(math.nan, index=table.index)) for b in ("low", "high"))
+        out[col] = [
+            ""
+            if pd.isna(v)
+            else f"{v:+.{digits}f}" + ("" if pd.isna(a) else f" [{a:+.{digits}f}, {b:+.{digits}f}]")
+            for v, a, b in zip(table[col], lo, hi)
+        ]
+        out = out.drop(columns=[c for c in (f"{col}_low", f"{col}_high") if c in out])
+    return out
+
+
 def _figure(name: str, image: Path | str, caption: str) -> str:
     if isinstance(image, Path):
         return (

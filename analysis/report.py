@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import aggregate, attribution, figures, findings, mlflow_io, optuna_views, page
+from analysis import aggregate, attribution, figures, findings, lead, mlflow_io, optuna_views, page
 from analysis.aggregate import DELTA, DELTA_ACCURACY, DELTA_HIGH, DELTA_LOW, TEST
 from analysis.collect import ReportError, SweepData, load_folder
 from distlap import names
@@ -36,8 +36,8 @@ from distlap.names import (
 )
 
 SUMMARY_TABLE, RANKING_TABLE, TRIALS_TABLE = "summary_table.csv", "subset_ranking.csv", "trials.csv"
-SUMMARY_JSON, HTML = "analysis_summary.json", "report.html"
-OUTPUTS = (SUMMARY_TABLE, RANKING_TABLE, TRIALS_TABLE, SUMMARY_JSON, HTML)
+LEAD_TABLE, SUMMARY_JSON, HTML = "lead_table.csv", "analysis_summary.json", "report.html"
+OUTPUTS = (LEAD_TABLE, SUMMARY_TABLE, RANKING_TABLE, TRIALS_TABLE, SUMMARY_JSON, HTML)
 _SHOWN = [DELTA, *(TEST[s] for s in ("accuracy", "nll", "brier", "ece", "mce"))]
 _FIRST = [
     CONFIG,
@@ -91,13 +91,17 @@ def write_report(data: SweepData, report_dir: Path, *, log_mlflow: bool = True, 
     reference = aggregate.best_config(summary)
     ranked = aggregate.ranking(summary, reference)
     found = findings.findings(data, summary, reference)
+    ref_results = [data.results[t] for t in found["reference_config"][names.TRIAL_IDS] if t in data.results]
+    lead_rows = lead.lead_table(ref_results)
+    found["verdict"] = lead.verdict(lead_rows, ref_results)
     images = _figures(data, summary, ranked, found, report_dir)
     run_id = _mlflow_run(data, log) if log_mlflow else None
     found["figures"] = {n: p.name if isinstance(p, Path) else f"not drawn: {p}" for n, p in images.items()}
     found["notes"] = data.notes
     found["mlflow"] = run_id and {"parent_run_id": run_id, "artifact_path": mlflow_io.REPORT_ARTIFACTS}
-    story = findings.narrative(found)
+    story = found["verdict"] + findings.narrative(found)
     trials = _trial_table(data)
+    lead_rows.to_csv(report_dir / LEAD_TABLE, index=False)
     _columns(summary).to_csv(report_dir / SUMMARY_TABLE, index=False)
     _columns(ranked).to_csv(report_dir / RANKING_TABLE, index=False)
     trials.to_csv(report_dir / TRIALS_TABLE, index=False)
@@ -106,7 +110,7 @@ def write_report(data: SweepData, report_dir: Path, *, log_mlflow: bool = True, 
         f"Layer-wise Laplace sweep {data.name!r}",
         story,
         _captioned(images, found),
-        _html_tables(ranked, summary, trials),
+        [(_lead_title(found), lead.display(lead_rows)), *_html_tables(ranked, summary, trials)],
         _missing_lines(data),
     )
     (report_dir / HTML).write_text(html, encoding="utf-8")
@@ -116,6 +120,15 @@ def write_report(data: SweepData, report_dir: Path, *, log_mlflow: bool = True, 
         log(f"[report] {line}")
     log(f"[report] {report_dir / HTML}")
     return report_dir
+
+
+def _lead_title(found: dict) -> str:
+    ref = found["reference_config"]
+    return (
+        f"{ref[CONFIG]}: every predictive against the MAP on the same models ({ref[N_SEEDS]} seed"
+        f"{'s' * (ref[N_SEEDS] > 1)}; Δ = improvement, positive = better; [95% interval]; distinguishable: "
+        "Δ_ECE ≠ 0 after Holm's correction)"
+    )
 
 
 def _clear(report_dir: Path) -> None:

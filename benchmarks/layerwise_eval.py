@@ -154,7 +154,7 @@ def engine_nn(ft, la_cfg, fit, test, lam):
     )
     runner = ViTSuffix.try_build(ft.model, next(iter(test))[0][:2])
     return {
-        s: nn_predictive(ft.model, post, b, test, ft.device, runner)[0]
+        s: nn_predictive(ft.model, post, b, test, ft.device, runner)[0].mean(0)
         for s, b in layer_subsets(num_blocks(ft.model)).items()
     }
 

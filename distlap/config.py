@@ -153,7 +153,10 @@ class LaplaceConfig(_Strict):
         "nn: Monte-Carlo model averaging over n_samples posterior draws; meaningful only where the "
         "posterior is narrow enough that the sampled LoRA updates stay small beside the weights.",
     )
-    n_samples: int = Field(30, gt=0, description="Posterior samples of the nn predictive.")
+    n_samples: int = Field(30, gt=0, description="Posterior samples of the nn predictive (one set).")
+    n_sample_sets: int = Field(
+        3, gt=0, description="nn: independent sets of n_samples; Δ's interval covers examples and sets."
+    )
     shapley_bootstrap: int = Field(
         200,
         ge=0,

@@ -337,3 +337,77 @@ def across_seeds_ci(
     rep = across_seeds(per_seed, shared_examples=shared_examples, n_resamples=n_resamples, seed=seed)
     low, high = percentile_interval(rep.replicates, level)
     return SeedCI(rep.estimate, low, high, level, len(per_seed), "hierarchical-bootstrap")
+
+
+# --------------------------------------------------------------------- a family of predictives, saved
+
+
+def improvement_replicates(
+    probs_map: Tensor,
+    probs: Mapping[str, Tensor],
+    labels: Tensor,
+    scores: Mapping[str, tuple[Metric, bool]],
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Replicates]:
+    """Per score, the improvement of every predictive over the MAP with replicates paired across
+    predictives (the same example resamples for all: :func:`bootstrap_indices` of ``seed``).
+
+    ``scores`` maps a score name to (metric, higher_is_better); the improvement is metric(MAP) − metric(B)
+    for a lower-is-better score and its negative otherwise, so positive = better than the MAP. Entries of
+    ``probs`` are (N, C) or (K, N, C) for K Monte-Carlo sample sets (two-level); predictives with
+    different K are resampled in groups with the same example resamples."""
+    groups: dict[int, dict[str, Tensor]] = {}
+    for name, p in probs.items():
+        groups.setdefault(1 if p.ndim == 2 else p.shape[0], {})[name] = p
+    out = {}
+    for score, (metric, higher) in scores.items():
+        parts = [
+            delta_replicates(metric, probs_map, group, labels, n_resamples=n_resamples, seed=seed)
+            for group in groups.values()
+        ]
+        order = [n for part in parts for n in part.names]
+        sign = -1.0 if higher else 1.0
+        rep = Replicates(
+            tuple(order),
+            sign * torch.cat([part.estimate for part in parts]),
+            sign * torch.cat([part.replicates for part in parts]),
+            mc_std=torch.cat([part.mc_std for part in parts]),
+        )
+        out[score] = select(rep, [n for n in probs if n in order])
+    return out
+
+
+def select(rep: Replicates, names: Sequence[str]) -> Replicates:
+    """The rows of ``names``, in that order."""
+    index = [rep.names.index(n) for n in names]
+    mc, seed = (None if t is None else t[index] for t in (rep.mc_std, rep.seed_std))
+    return Replicates(tuple(names), rep.estimate[index], rep.replicates[index], mc, seed)
+
+
+def replicates_to_json(rep: Replicates, digits: int = 6) -> dict:
+    """A JSON-able :class:`Replicates` (values rounded to ``digits`` decimals)."""
+
+    def plain(t: Tensor | None):
+        return None if t is None else torch.round(t.double(), decimals=digits).tolist()
+
+    return {
+        "names": list(rep.names),
+        "estimate": plain(rep.estimate),
+        "replicates": plain(rep.replicates),
+        "mc_std": plain(rep.mc_std),
+        "seed_std": plain(rep.seed_std),
+    }
+
+
+def replicates_from_json(data: Mapping) -> Replicates:
+    """The inverse of :func:`replicates_to_json`."""
+
+    def tensor(key: str) -> Tensor | None:
+        value = data.get(key)
+        return None if value is None else torch.tensor(value, dtype=torch.float64)
+
+    return Replicates(
+        tuple(data["names"]), tensor("estimate"), tensor("replicates"), tensor("mc_std"), tensor("seed_std")
+    )

@@ -142,6 +142,8 @@ ESTIMATOR = "laplace/estimator"  # how the curvature is estimated: ggn (exact), 
 MC_SAMPLES = "laplace/mc_samples"  # labels sampled per example (estimator mc)
 PREDICTIVE = "laplace/predictive"
 N_SAMPLES = "laplace/n_samples"
+N_SAMPLE_SETS = "laplace/n_sample_sets"
+BLOCK_UPDATE = "laplace/block_update"  # per block ‖θ*_b − θ₀_b‖: 0 = the MAP switched the block off
 N_PARAMS = "laplace/n_params"
 N_BLOCKS = "laplace/n_blocks"
 FIT_EXAMPLES = "laplace/fit_examples"
@@ -152,8 +154,9 @@ SUBSET_LAMBDA_VAL = "subset/lambda_val"  # λ_S: the validation NLL's choice ove
 SUBSET_LAMBDA_MARGLIK = "subset/lambda_marglik"  # λ_S maximising the restricted posterior's evidence
 TEMPERATURE = "temp/temperature"  # T of temperature scaling, fitted on validation NLL
 LLA_PRIOR = "lla/prior_precision"  # last-layer Laplace's λ (marglik)
-BASELINE_TIME = "baselines/fit_s"  # fitting the temperature and the last-layer Laplace
-SHIFT_TIME = "shift/eval_s"  # evaluating every predictive under shift and on OOD inputs
+TEMP_TIME = "temp/fit_s"  # fitting the temperature (on the MAP's validation logits)
+LLA_TIME = "lla/fit_s"  # fitting last-layer Laplace (curvature and marglik λ)
+PROTOCOL_TIME = "protocol/eval_s"  # baselines, shift, OOD and the inference over every predictive
 STATIONARITY = "stationarity"  # ‖∇ log joint‖ / ‖∇ NLL‖ at θ*, full training split
 LBFGS_STEPS = "lbfgs_steps"
 SHAPLEY = "shapley/delta_"  # + score: a block's Shapley value (MLflow: step = block index)
@@ -184,7 +187,9 @@ _SCALARS: dict[str, Name] = {
         Name(ESTIMATOR, "curvature estimator (ggn, mc, ef)"),
         Name(MC_SAMPLES, "labels sampled per example of the Monte-Carlo GGN"),
         Name(PREDICTIVE, "predictive (glm, nn)"),
-        Name(N_SAMPLES, "posterior samples"),
+        Name(N_SAMPLES, "posterior samples (one set)"),
+        Name(N_SAMPLE_SETS, "independent sets of posterior samples"),
+        Name(BLOCK_UPDATE, "‖θ* − θ₀‖ per block (0: the MAP switched the block off)"),
         Name(N_PARAMS, "parameters in the posterior"),
         Name(N_BLOCKS, "transformer blocks"),
         Name(FIT_EXAMPLES, "training examples of the curvature"),
@@ -195,8 +200,9 @@ _SCALARS: dict[str, Name] = {
         Name(SUBSET_LAMBDA_MARGLIK, "λ_S maximising the marginal likelihood"),
         Name(TEMPERATURE, "temperature T (validation NLL)"),
         Name(LLA_PRIOR, "prior precision of last-layer Laplace (marglik)"),
-        Name(BASELINE_TIME, "time to fit the baselines", "s", "lower"),
-        Name(SHIFT_TIME, "time to evaluate shift and OOD", "s", "lower"),
+        Name(TEMP_TIME, "time to fit temperature scaling", "s", "lower"),
+        Name(LLA_TIME, "time to fit last-layer Laplace", "s", "lower"),
+        Name(PROTOCOL_TIME, "time of the protocol (baselines, shift, OOD, inference)", "s", "lower"),
         Name(STATIONARITY, "‖∇ log joint‖ / ‖∇ NLL‖ at the MAP", better="lower"),
         Name(LBFGS_STEPS, "L-BFGS iterations to the MAP"),
         *(

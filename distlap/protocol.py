@@ -12,6 +12,7 @@ against the test set (``<predictive>/{near,far}_ood/auroc_{maxprob,entropy}``).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
-from distlap import metrics, names
+from distlap import intervals, metrics, names, ranking
 from distlap.bayes.baselines import (
     LastLayerLaplace,
     fit_last_layer_laplace,
@@ -34,6 +35,7 @@ from distlap.bayes.layerwise import Study
 from distlap.finetune.data import load_raw, make_loader
 from distlap.finetune.run import FineTuned
 from distlap.finetune.shift import corrupt, digits_ood, held_out_classes, load_cifar10c, load_svhn_test
+from distlap.runtime import Timer
 
 
 @dataclass
@@ -49,45 +51,46 @@ def evaluate(ft: FineTuned, study: Study, log=print) -> dict:
     and ``protocol`` to ``study.result`` and the shift / OOD metrics to every row (in place)."""
     result, start = study.result, time.perf_counter()
     fitted, rows = fit_baselines(ft, study) if ft.cfg.baselines else (Baselines(), {})
-    baseline_s = time.perf_counter() - start
-    test = probs_on(ft, study, fitted, ft.loader("test"))
+    test, sets, labels = _all_probs(study, fitted, ft.loader("test"))
     shift, details = shift_scores(ft, study, fitted, log)
     ood = ood_scores(ft, study, fitted, test)
     for name in test:
         row = rows.get(name) or result["subsets"].get(name) or result["map"]
         row["metrics"].update({**shift.get(name, {}), **ood.get(name, {})})
     result["baselines"], result["shift"] = rows, details
+    result["inference"] = inference(sets, labels, ft, study)
     result["protocol"] = {
         names.TEMPERATURE: fitted.temperature,
         names.LLA_PRIOR: fitted.lla and fitted.lla.prior_precision,
-        names.BASELINE_TIME: baseline_s,
-        names.SHIFT_TIME: time.perf_counter() - start - baseline_s,
+        names.PROTOCOL_TIME: time.perf_counter() - start,  # baselines, shift, OOD and inference
     }
     return result
 
 
 def fit_baselines(ft: FineTuned, study: Study) -> tuple[Baselines, dict]:
     """Temperature scaling (on the MAP's validation logits) and last-layer Laplace (on the curvature's
-    training examples, marglik λ), and their rows, scored like a subset's."""
+    training examples, marglik λ), and their rows, scored like a subset's, with their fitting seconds."""
     val, test = (study.predictive(ft.loader(s), {}) for s in ("val", "test"))
     ref = Reference(val.map, test.map, val.labels, test.labels)
-    temp = fit_temperature(_logits(val.map), val.labels).temperature
+    with Timer() as temp_t:
+        temp = fit_temperature(_logits(val.map), val.labels).temperature
     la_cfg = ft.cfg.laplace
     fit = ft.loader("train", batch_size=la_cfg.batch_size, max_examples=la_cfg.fit_examples)
-    lla = fit_last_layer_laplace(ft.model, fit, head=head_module_name(ft.model), n_train=len(ft.splits.train))
+    with Timer() as lla_t:
+        lla = fit_last_layer_laplace(
+            ft.model, fit, head=head_module_name(ft.model), n_train=len(ft.splits.train)
+        )
     kw = dict(n_bins=ft.cfg.n_bins, n_bootstrap=la_cfg.n_bootstrap, seed=ft.cfg.seed)
     rows = {
         "temp": predictive_row(
-            "temp",
-            temperature_scale(_logits(val.map), temp),
-            temperature_scale(_logits(test.map), temp),
-            ref,
-            **kw,
+            "temp", *(temperature_scale(_logits(p.map), temp) for p in (val, test)), ref, **kw
         ),
         "lla": predictive_row(
             "lla", *(last_layer_predict(lla, ft.loader(s))[0] for s in ("val", "test")), ref, **kw
         ),
     }
+    rows["temp"]["metrics"][names.TEMP_TIME] = temp_t.seconds
+    rows["lla"]["metrics"][names.LLA_TIME] = lla_t.seconds
     return Baselines(temp, lla), rows
 
 
@@ -99,13 +102,48 @@ def _logits(probs: torch.Tensor) -> torch.Tensor:
 def probs_on(ft: FineTuned, study: Study, fitted: Baselines, loader: DataLoader) -> dict[str, torch.Tensor]:
     """Every predictive's probabilities on ``loader`` (name -> (N, C)): one pass of the study's
     predictive for the MAP and the subsets, the temperature on the MAP's logits, last-layer Laplace."""
+    return _all_probs(study, fitted, loader)[0]
+
+
+def _all_probs(study: Study, fitted: Baselines, loader: DataLoader) -> tuple[dict, dict, torch.Tensor]:
+    """:func:`probs_on`, with the nn subsets' per-set probabilities (K, N, C) and the labels."""
     pred = study.predictive(loader, study.subsets)
     out = {"map": pred.map, **pred.subsets}
     if fitted.temperature is not None:
         out["temp"] = temperature_scale(_logits(pred.map), fitted.temperature)
     if fitted.lla is not None:
         out["lla"] = last_layer_predict(fitted.lla, loader)[0]
-    return out
+    return out, {**out, **(pred.sets or {})}, pred.labels
+
+
+def inference(probs: dict[str, torch.Tensor], labels: torch.Tensor, ft: FineTuned, study: Study) -> dict:
+    """``result["inference"]``: paired bootstrap replicates of every predictive's improvement over the MAP
+    on test (ECE, NLL, accuracy; two-level for nn sample sets), and from them which predictives are
+    distinguishable from the MAP and from each other (Holm-adjusted p, simultaneous max-|t| intervals).
+    The replicates are kept so that seeds can be pooled later (:func:`distlap.intervals.across_seeds`)."""
+    n_bins, la = ft.cfg.n_bins, ft.cfg.laplace
+    others = {n: p for n, p in probs.items() if n != "map"}
+    reps = intervals.improvement_replicates(
+        probs["map"],
+        others,
+        labels,
+        {
+            "ece": (functools.partial(metrics.expected_calibration_error, n_bins=n_bins), False),
+            "nll": (metrics.negative_log_likelihood, False),
+            "accuracy": (metrics.accuracy, True),
+        },
+        n_resamples=la.n_bootstrap,
+        seed=ft.cfg.seed,
+    )
+    ece = reps["ece"]
+    return {
+        "n_resamples": la.n_bootstrap,
+        "seed": ft.cfg.seed,
+        "subsets": list(study.subsets),
+        "replicates": {s: intervals.replicates_to_json(r) for s, r in reps.items()},
+        "vs_map": {s: ranking.ranking_table(r) for s, r in reps.items()},
+        "pairwise": ranking.ranking_table(ranking.pairwise(ece)) if len(ece.names) > 1 else [],
+    }
 
 
 def _prefix(name: str, study: Study) -> str:

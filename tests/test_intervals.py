@@ -311,3 +311,35 @@ def test_invalid_arguments_are_named():
         I.seed_t_interval(torch.tensor([1.0]))
     with pytest.raises(ValueError, match="idx"):
         M.replicate_values(ECE, probs, labels, torch.tensor([[0, 20]]))
+
+
+SCORES = {"ece": (ECE, False), "nll": (M.negative_log_likelihood, False), "accuracy": (M.accuracy, True)}
+
+
+def test_improvement_replicates_signs_pairing_and_groups():
+    """Positive = better than the MAP for every score; the MAP itself improves by exactly 0; a (N, C)
+    baseline beside (K, N, C) nn predictives gets the very replicates it gets alone (same examples)."""
+    n, c = 300, 4
+    y = torch.arange(n) % c
+    p_map = _probs(n, c, seed=1)
+    perfect = torch.nn.functional.one_hot(y, c).double() * 0.96 + 0.01  # rows sum to 1
+    nn_sets = _sets(torch.log(p_map), 3, 0.5, seed=2)
+    probs = {"same": p_map, "nn": nn_sets, "perfect": perfect}
+    reps = I.improvement_replicates(p_map, probs, y, SCORES, n_resamples=200, seed=5)
+    for score, rep in reps.items():
+        assert rep.names == ("same", "nn", "perfect")
+        assert torch.equal(rep.replicates[0], torch.zeros(200, dtype=torch.float64)), score
+        assert rep.estimate[2] > 0 and (rep.replicates[2] > 0).all(), score
+        alone = I.delta_replicates(SCORES[score][0], p_map, {"perfect": perfect}, y, n_resamples=200, seed=5)
+        sign = -1 if SCORES[score][1] else 1
+        torch.testing.assert_close(rep.replicates[2], sign * alone.replicates[0])
+    assert reps["ece"].mc_std[1] > 0 and reps["ece"].mc_std[0] == 0
+
+
+def test_replicates_survive_json():
+    rep = I.improvement_replicates(
+        _probs(50, 3, seed=0), {"a": _probs(50, 3, seed=1)}, torch.arange(50) % 3, SCORES, n_resamples=20
+    )["nll"]
+    back = I.replicates_from_json(I.replicates_to_json(rep))
+    assert back.names == rep.names and back.seed_std is None
+    torch.testing.assert_close(back.replicates, rep.replicates, atol=1e-6, rtol=0)

@@ -89,3 +89,22 @@ def test_near_ood_holds_only_unseen_classes(evaluated):
     ft, _, _ = evaluated
     near = dict(protocol.ood_sets(ft))["near_ood"]
     assert len(near) == 60 and near.tensors[0].shape[1:] == ft.splits.test.tensors[0].shape[1:]
+
+
+def test_inference_replicates_agree_with_the_rows(evaluated):
+    """The saved replicates' estimates are the rows' improvements (glm is deterministic), every predictive
+    is tested against the MAP with Holm's adjustment, and every pair of them against each other."""
+    _, _, result = evaluated
+    inf = result["inference"]
+    rows = {**result["subsets"], **result["baselines"]}
+    ece = inf["replicates"]["ece"]
+    assert set(ece["names"]) == set(rows) and len(ece["replicates"][0]) == inf["n_resamples"]
+    for k, name in enumerate(ece["names"]):
+        key = "subset" if name in result["subsets"] else name
+        for score in ("ece", "nll", "accuracy"):
+            got = inf["replicates"][score]["estimate"][k]
+            assert got == pytest.approx(rows[name]["metrics"][names.delta(key, "test", score)], abs=1e-6)
+    for row in inf["vs_map"]["ece"]:
+        assert row["p_holm"] >= row["p"] and row["low"] <= row["estimate"] <= row["high"]
+    n = len(ece["names"])
+    assert len(inf["pairwise"]) == n * (n - 1) // 2

@@ -9,6 +9,7 @@ better calibrated) and the test reliability bins. The MAP's row has the same sco
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -58,20 +59,43 @@ def subset_row(
 def predictive_row(
     predictive: str, val_probs, test_probs, ref: Reference, *, n_bins: int, n_bootstrap: int, seed: int
 ) -> dict:
-    """A predictive's scores on validation and test, its improvement over the MAP on test, the paired
-    bootstrap interval of Δ_ECE and the test reliability bins, under ``<predictive>/...`` keys."""
-    ci = intervals.delta_ece_ci(
-        ref.test_probs, test_probs, ref.test_labels, n_bins=n_bins, n_resamples=n_bootstrap, seed=seed
+    """A predictive's scores on validation and test, its improvement over the MAP on test, the
+    interval of Δ_ECE and the test reliability bins, under ``<predictive>/...`` keys.
+
+    Probabilities (N, C), or (K, N, C) for K independent Monte-Carlo sample sets: then every score is the
+    mean over the sets (the expected score of one set's predictive) and the Δ_ECE interval is the
+    two-level bootstrap over test examples and sets (:func:`distlap.intervals.two_level_bootstrap_ci`;
+    with one set it is the paired bootstrap over examples)."""
+    ci = intervals.two_level_bootstrap_ci(
+        functools.partial(metrics.expected_calibration_error, n_bins=n_bins),
+        ref.test_probs,
+        test_probs,
+        ref.test_labels,
+        n_resamples=n_bootstrap,
+        seed=seed,
     )
     low, high = names.interval(names.delta(predictive, "test", "ece"))
     scores = {
-        **split_scores(predictive, "val", val_probs, ref.val_labels, n_bins),
-        **split_scores(predictive, "test", test_probs, ref.test_labels, n_bins),
+        **set_scores(predictive, "val", val_probs, ref.val_labels, n_bins),
+        **set_scores(predictive, "test", test_probs, ref.test_labels, n_bins),
     }
     return {
         "metrics": {**scores, **deltas(scores, ref, n_bins, predictive), low: ci.low, high: ci.high},
-        "reliability": _reliability(test_probs, ref.test_labels, n_bins),
+        "reliability": _reliability(_pooled(test_probs), ref.test_labels, n_bins),
     }
+
+
+def _pooled(probs: torch.Tensor) -> torch.Tensor:
+    """(N, C) as it is; (K, N, C) -> the mean over the K sets."""
+    return probs.mean(0) if probs.ndim == 3 else probs
+
+
+def set_scores(predictive: str, split: str, probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> dict:
+    """:func:`split_scores`, averaged over the sample sets of (K, N, C) probabilities."""
+    if probs.ndim == 2:
+        return split_scores(predictive, split, probs, labels, n_bins)
+    per_set = [split_scores(predictive, split, p, labels, n_bins) for p in probs]
+    return {key: sum(s[key] for s in per_set) / len(per_set) for key in per_set[0]}
 
 
 def deltas(

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from distlap import metrics, names
 from distlap.bayes.evaluate import Reference, map_row, row_line, subset_row
 from distlap.bayes.glm_study import glm_study
-from distlap.bayes.layers import layer_subsets, num_blocks
+from distlap.bayes.layers import block_index, layer_subsets, num_blocks
 from distlap.bayes.posterior import (
     Posterior,
     choose_prior_precision,
@@ -154,7 +154,7 @@ def nn_study(data, cfg, la, subsets, scoring, prior_precision, evaluate_nn) -> d
 
     def val_nll(post: Posterior) -> float:  # gridsearch scorer: the 'all' posterior on validation
         return metrics.negative_log_likelihood(
-            nn_predictive(data.model, post, every, data.val, data.device)[0], ref.val_labels
+            nn_predictive(data.model, post, every, data.val, data.device)[0].mean(0), ref.val_labels
         )
 
     posterior = draw(choose_prior_precision(la, cfg.prior_method, prior_precision, draw, val_nll))
@@ -236,6 +236,8 @@ def result(
         names.MC_SAMPLES: cfg.mc_samples if cfg.estimator == "mc" else None,
         names.PREDICTIVE: cfg.predictive,
         names.N_SAMPLES: cfg.n_samples if cfg.predictive == "nn" else None,
+        names.N_SAMPLE_SETS: cfg.n_sample_sets if cfg.predictive == "nn" else None,
+        names.BLOCK_UPDATE: block_updates(data, cfg),
         names.N_PARAMS: la.n_params,
         names.N_BLOCKS: num_blocks(data.model),
         names.FIT_EXAMPLES: len(data.fit.dataset),
@@ -247,6 +249,20 @@ def result(
     if "attribution" in study:
         out["attribution"] = study["attribution"]
     return out
+
+
+def block_updates(data: LaplaceData, cfg: LaplaceConfig) -> list[float]:
+    """‖θ*_b − θ₀_b‖ over the posterior's parameters of each block b. A Gaussian prior on LoRA factors
+    is a nuclear-norm penalty on their product (‖A‖² + ‖B‖² ≥ 2‖BA‖_*), so the MAP can switch whole
+    blocks off (A = B = 0); there the network's Jacobian in A and B vanishes and the linearised
+    posterior of the block changes nothing, whatever its variance."""
+    named = dict(data.model.named_parameters())
+    out = [0.0] * num_blocks(data.model)
+    for name in posterior_parameters(data.model, data.method, cfg.include_norms):
+        theta = named[name].detach().float().cpu()
+        mean = (data.prior_mean or {}).get(name)
+        out[block_index(name)] += float(((theta - (0 if mean is None else mean.float().cpu())) ** 2).sum())
+    return [v**0.5 for v in out]
 
 
 def write_results(result: dict, out: Path) -> None:

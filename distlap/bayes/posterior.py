@@ -79,8 +79,8 @@ class ParamBlock:
 class Posterior:
     """Everything a subset evaluation needs, as plain tensors (cheap to pickle into Ray's object store).
 
-    ``deltas`` are K draws of theta - theta* from the full posterior, (K, P); the restricted posterior
-    of S uses ``deltas * mask(S)``.
+    ``deltas`` are K draws of theta - theta* from the full posterior, (K, P), in ``n_sets`` consecutive
+    independent sets of K / n_sets; the restricted posterior of S uses ``deltas * mask(S)``.
     """
 
     params: list[ParamBlock]
@@ -88,6 +88,7 @@ class Posterior:
     deltas: torch.Tensor  # (K, P)
     variance: torch.Tensor | None  # (P,) marginal variances (diag only)
     prior_precision: float
+    n_sets: int = 1
 
     @property
     def n_params(self) -> int:
@@ -226,13 +227,15 @@ def build_posterior(
 def sample_posterior(
     la, params: list[ParamBlock], cfg: LaplaceConfig, *, prior_precision: float, seed: int
 ) -> Posterior:
-    """``cfg.n_samples`` deviations θ − θ* drawn (seeded) from the fitted posterior at ``prior_precision``."""
+    """``cfg.n_sample_sets`` independent sets of ``cfg.n_samples`` deviations θ − θ* drawn (seeded) from
+    the fitted posterior at ``prior_precision``, set after set."""
     la.prior_precision = prior_precision
     g = torch.Generator(device=la._device).manual_seed(seed)
     mean = la.mean.detach()
-    deltas = (la.sample(cfg.n_samples, generator=g) - mean.reshape(1, -1)).detach().float().cpu()
+    k = cfg.n_samples * cfg.n_sample_sets
+    deltas = (la.sample(k, generator=g) - mean.reshape(1, -1)).detach().float().cpu()
     variance = la.posterior_variance.detach().float().cpu() if cfg.hessian_structure == "diag" else None
-    return Posterior(params, mean.float().cpu(), deltas, variance, float(prior_precision))
+    return Posterior(params, mean.float().cpu(), deltas, variance, float(prior_precision), cfg.n_sample_sets)
 
 
 def param_blocks(model: nn.Module, names: Sequence[str], n_params: int) -> list[ParamBlock]:

@@ -93,7 +93,8 @@ def nn_predictive(
     device: torch.device,
     runner: ViTSuffix | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MC model average of the restricted posterior of ``blocks``: probs (N, K) fp32 and labels (N,)."""
+    """MC model average of the restricted posterior of ``blocks``, per sample set: probs (sets, N, C)
+    fp32 (``posterior.n_sets`` sets; their mean is the average over every sample) and labels (N,)."""
     model.eval().to(device)
     params = _live_params(model, posterior)
     theta = posterior.theta_map.to(device)
@@ -105,14 +106,17 @@ def nn_predictive(
             x = x.to(device)
             with autocast(device):
                 h = runner.prefix(x, start) if runner is not None else x  # deterministic part, once
-            total = 0.0
-            for delta in deltas:
-                _load(theta + delta, params)
-                with autocast(device):
-                    logits = runner.logits(h, start) if runner is not None else model(h)
-                total = total + torch.softmax(logits.float(), dim=-1)
-            probs.append((total / len(deltas)).cpu())
+            sets = []
+            for chunk in deltas.chunk(posterior.n_sets):
+                total = 0.0
+                for delta in chunk:
+                    _load(theta + delta, params)
+                    with autocast(device):
+                        logits = runner.logits(h, start) if runner is not None else model(h)
+                    total = total + torch.softmax(logits.float(), dim=-1)
+                sets.append(total / len(chunk))
+            probs.append(torch.stack(sets).cpu())
             labels.append(y)
     finally:
         _load(theta, params)  # back to the MAP, exactly
-    return torch.cat(probs), torch.cat(labels)
+    return torch.cat(probs, dim=1), torch.cat(labels)

@@ -27,8 +27,9 @@ class Predictions:
     """Probabilities of the MAP (N, C) and of each subset's posterior, on one loader's examples."""
 
     map: Tensor
-    subsets: dict[str, Tensor]
+    subsets: dict[str, Tensor]  # (N, C): for nn the mean over every sample
     labels: Tensor
+    sets: dict[str, Tensor] | None = None  # nn: (n_sets, N, C), each set's own predictive
 
 
 @dataclass
@@ -42,6 +43,9 @@ class GLMPredictive:
     device: torch.device
 
     def __call__(self, loader: DataLoader, subsets: Subsets) -> Predictions:
+        if not subsets:  # the MAP alone: no Jacobians
+            probs, labels = predict(self.model, loader, self.device)
+            return Predictions(probs, {}, labels)
         table = glm_pass(self.model, self.la, self.blocks, loader, self.device, [self.prior_precision])
         probs = {name: probit_probs(table.logits, table.at(0), b) for name, b in subsets.items()}
         return Predictions(table.logits.softmax(-1), probs, table.labels)
@@ -60,8 +64,8 @@ class NNPredictive:
         runner = ViTSuffix.try_build(
             self.model.eval().to(self.device), next(iter(loader))[0][:2].to(self.device)
         )
-        probs = {
+        sets = {
             n: nn_predictive(self.model, self.posterior, b, loader, self.device, runner)[0]
             for n, b in subsets.items()
         }
-        return Predictions(map_probs, probs, labels)
+        return Predictions(map_probs, {n: p.mean(0) for n, p in sets.items()}, labels, sets)

@@ -67,6 +67,11 @@ class SearchConfig(_Strict):
     )
     mode: Literal["min", "max"] | None = Field(None, description="None = max for accuracy, else min.")
     num_samples: int = Field(4, gt=0, description="Trials in the sweep (Optuna trials, Ray trials).")
+    seeds: list[int] | None = Field(
+        None,
+        description="Training seeds: each configuration the search proposes runs once per seed (as "
+        "trial.seed), so num_samples must be a multiple of their number; None = trial.seed alone.",
+    )
     seed: int = Field(0, ge=0, description="Seed of Optuna's TPE sampler.")
     points_to_evaluate: list[dict[str, Any]] = Field(
         default_factory=list,
@@ -111,6 +116,31 @@ class SearchConfig(_Strict):
             raise ValueError(f"{v!r} is not a validation-split objective; use one of {', '.join(OBJECTIVES)}")
         return v
 
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError(f"need distinct seeds >= 0 (or leave seeds out for trial.seed alone), got {v}")
+        return v
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.seeds or [0])
+
+    @model_validator(mode="after")
+    def _seeds_divide(self) -> SearchConfig:
+        if names.SEED in self.space and (self.sampler != "grid" or self.seeds is not None):
+            raise ValueError(
+                "search.space.seed: list training seeds in search.seeds (a grid may also take them as a "
+                "choice; TPE would optimise the seed like a setting)"
+            )
+        if self.sampler != "grid" and self.num_samples % self.n_seeds:
+            raise ValueError(
+                f"search.num_samples={self.num_samples} is not a multiple of the {self.n_seeds} "
+                f"search.seeds {self.seeds}: every configuration runs once per seed"
+            )
+        return self
+
     @model_validator(mode="after")
     def _grid(self) -> SearchConfig:
         if self.sampler != "grid":
@@ -122,12 +152,13 @@ class SearchConfig(_Strict):
             )
         if self.points_to_evaluate:
             raise ValueError("search.sampler=grid evaluates every point already; drop points_to_evaluate")
+        runs = self.grid_size * self.n_seeds
         if "num_samples" not in self.model_fields_set:
-            object.__setattr__(self, "num_samples", self.grid_size)  # frozen model, still validating
-        elif self.num_samples != self.grid_size:
+            object.__setattr__(self, "num_samples", runs)  # frozen model, still validating
+        elif self.num_samples != runs:
             raise ValueError(
-                f"search.num_samples={self.num_samples} but the grid has {self.grid_size} "
-                "points; drop search.num_samples (a grid runs each point once)"
+                f"search.num_samples={self.num_samples} but the grid has {self.grid_size} points x "
+                f"{self.n_seeds} seeds; drop search.num_samples (a grid runs each point once per seed)"
             )
         return self
 

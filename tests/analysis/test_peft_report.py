@@ -253,7 +253,7 @@ def test_figures_plot_one_point_or_bar_per_setting_and_method(tmp_path):
 
 # --- the whole report on a sweep folder ----------------------------------------------------------
 
-SPACE = {"peft.method": ["norm", "lora", "hybrid"], "seed": [0, 1]}
+SPACE = {"peft.method": ["norm", "lora", "hybrid"], "seed": [0, 1, 2]}  # a grid of 9 runs
 
 
 def _sweep_folder(out, *, ok: bool = True, mlflow: bool = False):
@@ -267,7 +267,7 @@ def _sweep_folder(out, *, ok: bool = True, mlflow: bool = False):
         search=SearchConfig(
             space=space,
             metric="map/val/nll",
-            num_samples=7,
+            sampler="grid",
             storage=f"sqlite:///{out / 'optuna.db'}",
             study_name="peft-test",
         ),
@@ -375,7 +375,7 @@ def test_build_peft_report_writes_every_file_and_logs_to_mlflow(tmp_path):
         "trial #4 trial4 (Hybrid, distlap/vit-tiny-fmnist, fashion_mnist, seed 0): failed (non-finite loss)"
     ) in md
     assert "trial #5 trial5 (Hybrid, distlap/vit-tiny-fmnist, fashion_mnist, seed 1): unfinished" in md
-    assert "1 of 7 planned trials not started" in md
+    assert "3 of 9 planned trials not started" in md
     assert "![accuracy_vs_tuned_params](accuracy_vs_tuned_params.png)" in md
     table = pd.read_csv(report / csv)
     assert list(table["Method"]) == ["Norm", "LoRA"] and list(table["n_seeds"]) == [2, 2]

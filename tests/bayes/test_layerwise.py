@@ -105,3 +105,14 @@ def test_nn_rows(trial):
 def test_only_evaluates_the_named_subsets(trial):
     result = run(trial, only=("all",))
     assert list(result["subsets"]) == ["all"]
+
+
+def test_block_updates_are_the_lora_factors_distance_from_the_prior_mean(trial):
+    """LoRA's prior mean is 0: block b's update is the norm of its LoRA factors, computed here directly."""
+    result = run(trial, only=("all",))
+    expected = [0.0] * 4
+    for name, p in trial.model.named_parameters():
+        if "lora_" in name:
+            block = int(name.split("layers.")[1].split(".")[0])
+            expected[block] += float((p.detach() ** 2).sum())
+    assert result[names.BLOCK_UPDATE] == pytest.approx([v**0.5 for v in expected], rel=1e-6)

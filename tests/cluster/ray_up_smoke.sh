@@ -84,7 +84,7 @@ ray exec "$CONFIG" "ray status"
 echo "== smoke sweep, submitted to the head"
 status=0
 ray exec "$CONFIG" "cd $MOUNT/distlap && PYTHONPATH=$MOUNT/distlap python sweeps/layerwise.py --smoke-test \
-    --address auto --output $MOUNT/runs/smoke resources.gpus_per_trial=0.5 resources.eval_tasks=1 \
+    --address auto --output $MOUNT/runs/smoke resources.gpus_per_trial=0.5 trial.laplace.predictive=nn resources.eval_tasks=1 \
     resources.gpus_per_eval_task=0.5" || status=$?
 
 echo "== where the trials ran"

@@ -116,6 +116,7 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
         "--output",
         str(out),
         "max_failures=1",
+        "trial.laplace.predictive=nn",
         "resources.eval_tasks=1",
         "search.space.train.lr={kind: choice, values: [0.002, 1.0e30]}",
         "search.points_to_evaluate=[{train.lr: 1.0e30, train.prior_precision: 10.0, peft.rank: 2},"

@@ -38,6 +38,7 @@ SWEEP_OVERRIDES = [
     "max_failures=2",
     "resources.cpus_per_trial=1",
     "resources.gpus_per_trial=0.5",
+    "trial.laplace.predictive=nn",  # subsets as Ray tasks in child bundles: the nn predictive
     "resources.eval_tasks=2",
     "resources.cpus_per_eval_task=1",
     "resources.gpus_per_eval_task=0.25",

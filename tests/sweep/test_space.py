@@ -51,3 +51,26 @@ def test_grid_takes_its_size_from_the_choices():
 def test_bad_ranges_are_refused(param, match):
     with pytest.raises(ValidationError, match=match):
         SearchParam(**param)
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"seeds": []}, r"need distinct seeds >= 0"),
+        ({"seeds": [0, 0]}, r"need distinct seeds >= 0"),
+        ({"seeds": [0, 1, 2], "num_samples": 4}, r"num_samples=4 is not a multiple of the 3 search.seeds"),
+        ({"space": {"seed": {"kind": "choice", "values": [0, 1]}}}, r"TPE would optimise the seed"),
+    ],
+)
+def test_bad_seeds_fail_before_work(fields, match):
+    with pytest.raises(ValidationError, match=match):
+        SearchConfig(**fields)
+
+
+def test_seeds_repeat_every_configuration():
+    assert SearchConfig(seeds=[0, 1, 2], num_samples=6).n_seeds == 3
+    assert SearchConfig().n_seeds == 1 and SearchConfig().seeds is None
+    grid = {"peft.rank": {"kind": "choice", "values": [2, 4]}}
+    assert SearchConfig(sampler="grid", space=grid, seeds=[0, 1, 2]).num_samples == 6
+    with pytest.raises(ValidationError, match=r"grid has 2 points x 3 seeds"):
+        SearchConfig(sampler="grid", space=grid, seeds=[0, 1, 2], num_samples=2)
