@@ -25,7 +25,7 @@ SCORES = ("ece", "nll", "accuracy")
 DELTAS = {s: f"test/delta_{s}" for s in SCORES}
 P_HOLM, DISTINCT = "p_holm", "distinguishable"
 SHIFT_ECE, NEAR, FAR = "shift/ece", "near_ood/auroc_maxprob", "far_ood/auroc_maxprob"
-SHAPLEY, COST = "shapley/delta_ece", "cost_s"
+SHAPLEY, COST = names.SHAPLEY + "ece", "cost_s"
 LABELS = {"map": "MAP", "temp": "temperature scaling", "lla": "last-layer Laplace"}
 
 
@@ -78,7 +78,7 @@ def _improvements(rows: dict, reps: dict[str, intervals.Replicates]) -> None:
 def _metrics(result: dict, name: str) -> tuple[str, dict]:
     """The vocabulary's predictive of a row (``subset`` for a layer subset) and the row's metrics."""
     if name in result["subsets"]:
-        return "subset", result["subsets"][name]["metrics"]
+        return names.SUBSET, result["subsets"][name]["metrics"]
     if name == "map":
         return "map", result["map"]["metrics"]
     return name, result["baselines"][name]["metrics"]

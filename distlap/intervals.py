@@ -13,9 +13,8 @@ Three sources, one currency: bootstrap *replicates* of Δ, (S, R) for S predicti
    mean_k Δ_k. Identical sets (or K = 1) reduce it, bit for bit, to 1. All S predictives share the
    rows and the set draws, as the subsets of one posterior share their samples, so differences between
    subsets are paired too.
-3. Training seeds: a hierarchical bootstrap over seeds, then examples (:func:`across_seeds`,
-   :func:`across_seeds_ci`) when each seed has replicates; a t-interval (:func:`seed_t_interval`) when
-   only one number per seed exists.
+3. Training seeds: a hierarchical bootstrap over seeds, then examples (:func:`across_seeds`), when each
+   seed has replicates; a t-interval (:func:`seed_t_interval`) when only one number per seed exists.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from torch import Tensor
 from distlap.metrics import Metric, expected_calibration_error, replicate_values
 
 _SET_STREAM = 1  # the sample-set draws use their own stream, so the example rows equal the one-level ones
+_TENSORS = ("estimate", "replicates", "mc_std", "seed_std")  # Replicates' tensor fields, in order
 
 
 # -------------------------------------------------------------------- paired bootstrap over examples
@@ -388,26 +388,13 @@ def select(rep: Replicates, names: Sequence[str]) -> Replicates:
 
 def replicates_to_json(rep: Replicates, digits: int = 6) -> dict:
     """A JSON-able :class:`Replicates` (values rounded to ``digits`` decimals)."""
-
-    def plain(t: Tensor | None):
-        return None if t is None else torch.round(t.double(), decimals=digits).tolist()
-
-    return {
-        "names": list(rep.names),
-        "estimate": plain(rep.estimate),
-        "replicates": plain(rep.replicates),
-        "mc_std": plain(rep.mc_std),
-        "seed_std": plain(rep.seed_std),
+    return {"names": list(rep.names)} | {
+        k: None if (t := getattr(rep, k)) is None else torch.round(t.double(), decimals=digits).tolist()
+        for k in _TENSORS
     }
 
 
 def replicates_from_json(data: Mapping) -> Replicates:
     """The inverse of :func:`replicates_to_json`."""
-
-    def tensor(key: str) -> Tensor | None:
-        value = data.get(key)
-        return None if value is None else torch.tensor(value, dtype=torch.float64)
-
-    return Replicates(
-        tuple(data["names"]), tensor("estimate"), tensor("replicates"), tensor("mc_std"), tensor("seed_std")
-    )
+    tensors = [None if data.get(k) is None else torch.tensor(data[k], dtype=torch.float64) for k in _TENSORS]
+    return Replicates(tuple(data["names"]), *tensors)
