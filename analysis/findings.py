@@ -48,6 +48,7 @@ _COST_FIELDS = (names.TIME_PER_EPOCH, names.FIT_TIME, names.EVAL_TIME, names.WAL
 _LAPLACE_FIELDS = (
     names.HESSIAN,
     names.BACKEND,
+    names.ESTIMATOR,
     names.PREDICTIVE,
     names.N_SAMPLES,
     names.N_PARAMS,
@@ -55,6 +56,7 @@ _LAPLACE_FIELDS = (
     names.FIT_EXAMPLES,
     names.PRIOR_METHOD,
 )
+ESTIMATORS = {"ggn": "GGN", "mc": "Monte-Carlo GGN", "ef": "empirical Fisher"}  # None: before the choice
 ACCURACY_DROP_NOTE = 0.02  # a subset this much less accurate than the MAP may be calibrated by being unsure
 
 
@@ -250,7 +252,8 @@ def _setup_lines(f: dict) -> list[str]:
     complete = "." if t["complete"] else f"{partial}: this report is partial."
     lines = [f"{t['with_results']} of {t['planned']} planned trials have layer-wise results{complete}"]
     lines.append(
-        f"Laplace: {la[names.HESSIAN]} GGN ({la[names.BACKEND]}) over {la[names.N_PARAMS]:,} "
+        f"Laplace: {la[names.HESSIAN]} {ESTIMATORS.get(la[names.ESTIMATOR], 'GGN')} ({la[names.BACKEND]}) "
+        f"over {la[names.N_PARAMS]:,} "
         f"parameters of {la[names.N_BLOCKS]} blocks, {la[names.PREDICTIVE]} predictive"
         + (f" with {la[names.N_SAMPLES]} samples" if la[names.PREDICTIVE] == "nn" else "")
         + f", prior precision {la[names.PRIOR_METHOD]}."

@@ -126,6 +126,10 @@ class LaplaceConfig(_Strict):
         "cannot fit hybrid's LayerNorm copies. backpack refuses frozen parameters. Every diag backend "
         "but asdl equals a naive per-example Jacobian reference (tests/bayes/test_curvature.py).",
     )
+    estimator: Literal["ggn", "mc", "ef"] = Field(
+        "ggn", description="ggn: exact, C passes a batch; mc: Monte-Carlo GGN; ef: empirical Fisher (biased)"
+    )
+    mc_samples: int = Field(1, gt=0, description="estimator=mc: labels sampled per example.")
     fit_examples: int | None = Field(
         1000, gt=0, description="Seeded subset of the training split the Hessian is fitted on; None = all."
     )
@@ -184,6 +188,9 @@ class LaplaceConfig(_Strict):
                 "laplace.backend=exact computes the GGN diagonal only; for kron use "
                 "laplace.backend=curvlinops (or auto)"
             )
+        auto = {"diag": "exact", "kron": "curvlinops"}[self.hessian_structure]
+        if self.estimator != "ggn" and self.curvature != auto:
+            raise ValueError(f"laplace.estimator={self.estimator} needs laplace.backend=auto")
         return self
 
     @property

@@ -135,6 +135,8 @@ PRIOR_PRECISION = "laplace/prior_precision"
 PRIOR_METHOD = "laplace/prior_method"
 HESSIAN = "laplace/hessian_structure"
 BACKEND = "laplace/backend"
+ESTIMATOR = "laplace/estimator"  # how the curvature is estimated: ggn (exact), mc, ef
+MC_SAMPLES = "laplace/mc_samples"  # labels sampled per example (estimator mc)
 PREDICTIVE = "laplace/predictive"
 N_SAMPLES = "laplace/n_samples"
 N_SAMPLE_SETS = "laplace/n_sample_sets"
@@ -179,6 +181,8 @@ _SCALARS: dict[str, Name] = {
         Name(PRIOR_METHOD, "how λ was chosen (fixed, marglik, gridsearch)"),
         Name(HESSIAN, "posterior precision structure"),
         Name(BACKEND, "GGN curvature backend"),
+        Name(ESTIMATOR, "curvature estimator (ggn, mc, ef)"),
+        Name(MC_SAMPLES, "labels sampled per example of the Monte-Carlo GGN"),
         Name(PREDICTIVE, "predictive (glm, nn)"),
         Name(N_SAMPLES, "posterior samples (one set)"),
         Name(N_SAMPLE_SETS, "independent sets of posterior samples"),

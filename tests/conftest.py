@@ -77,3 +77,15 @@ def fine_tuned(fake_fmnist_dir, tiny_vit_dir, tmp_path_factory):
     ft = fine_tune(cfg, log=lambda m: None)
     assert ft.train.status == "ok"
     return ft
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: where none is visible they are skipped, and say why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marker gpu: needs a CUDA device, and torch sees none here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

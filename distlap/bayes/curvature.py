@@ -11,11 +11,23 @@ Curvlinops path is exact but forms full Jacobians (vmap over classes), 5-10x slo
 
 Covers ``nn.Linear`` (LoRA factors, any dense layer) and ``nn.LayerNorm`` (LN tuning, hybrid's
 LayerNorm copies); a posterior over any other module type is refused with the backend to use instead.
+
+At C = 100 classes the C backward passes dominate the fit. Any factorisation Lambda_n ~ S_n S_n^T with
+K columns costs K passes instead (``estimator``, :func:`loss_factors`):
+
+    ggn  S_n = diag(sqrt p_n) - p_n sqrt(p_n)^T                  K = C, exact
+    mc   S_n = [p_n - e_{y_nm}]_m / sqrt(M),  y_nm ~ p(y | x_n)  K = M, unbiased: E[(p - e_y)(p - e_y)^T]
+         = Lambda_n (the Monte-Carlo GGN, i.e. the Fisher with labels sampled from the model)
+    ef   S_n = p_n - e_{y_n}, y_n the true label                 K = 1, the empirical Fisher: squared
+         per-example loss gradients; biased, it is the GGN only where p(y | x) is the labels' own
+         distribution (Kunstner et al. 2019, "Limitations of the empirical Fisher approximation")
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from laplace.curvature import CurvatureInterface
@@ -47,9 +59,35 @@ def _layer_norm(a: torch.Tensor, g: torch.Tensor, module: nn.LayerNorm) -> dict[
 
 PER_EXAMPLE: dict[type, _PerExample] = {nn.Linear: _linear, nn.LayerNorm: _layer_norm}
 
+Estimator = Literal["ggn", "mc", "ef"]
+
+
+def loss_factors(
+    f: torch.Tensor,
+    y: torch.Tensor,
+    estimator: Estimator = "ggn",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(B, C, K) columns s_nk with sum_k s_nk s_nk^T = Lambda_n (ggn), = it in expectation (mc), or the
+    outer product of the loss gradient in the logits (ef); see the module docstring. fp32."""
+    p = torch.softmax(f.detach().float(), dim=-1)  # (B, C)
+    if estimator == "ggn":
+        root = p.sqrt()
+        return torch.diag_embed(root) - p[:, :, None] * root[:, None, :]  # (B, C, C)
+    if estimator == "ef":
+        return (p - F.one_hot(y.to(p.device), p.shape[-1]).to(p))[:, :, None]  # (B, C, 1)
+    if estimator == "mc":
+        labels = torch.multinomial(p, mc_samples, replacement=True, generator=generator)  # (B, M)
+        onehot = F.one_hot(labels, p.shape[-1]).to(p).transpose(1, 2)  # (B, C, M)
+        return (p[:, :, None] - onehot) / math.sqrt(mc_samples)
+    raise ValueError(f"unknown curvature estimator {estimator!r} (ggn, mc, ef)")
+
 
 class ExactDiagGGN(CurvatureInterface):
-    """laplace-torch backend: ``diag`` is the exact GGN diagonal for classification (see module doc)."""
+    """laplace-torch backend: ``diag`` is the GGN diagonal for classification from exact per-example
+    gradients (see module doc); ``estimator`` ggn (exact), mc (``mc_samples`` labels drawn per example,
+    seeded by ``seed``) or ef (the empirical Fisher), passed as laplace-torch's ``backend_kwargs``."""
 
     def __init__(
         self,
@@ -59,6 +97,9 @@ class ExactDiagGGN(CurvatureInterface):
         subnetwork_indices=None,
         dict_key_x: str = "input_ids",
         dict_key_y: str = "labels",
+        estimator: Estimator = "ggn",
+        mc_samples: int = 1,
+        seed: int = 0,
     ):
         if likelihood != "classification" or last_layer or subnetwork_indices is not None:
             raise ValueError(
@@ -67,6 +108,14 @@ class ExactDiagGGN(CurvatureInterface):
             )
         super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
         self._owners = self._owning_modules()
+        self.estimator, self.mc_samples, self.seed = estimator, mc_samples, seed
+        self._generator: torch.Generator | None = None  # made on the logits' device at the first batch
+
+    def _factors(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """:func:`loss_factors` of a batch; mc draws from one seeded stream across the batches of a fit."""
+        if self.estimator == "mc" and self._generator is None:
+            self._generator = torch.Generator(device=f.device).manual_seed(self.seed)
+        return loss_factors(f, y, self.estimator, self.mc_samples, self._generator)
 
     def _owning_modules(self) -> dict[str, tuple[nn.Module, str]]:
         """{parameter name: (module holding it directly, its attribute name)} for the trainable ones."""
@@ -99,14 +148,12 @@ class ExactDiagGGN(CurvatureInterface):
         finally:
             for h in handles:
                 h.remove()
-        p = torch.softmax(f.detach().float(), dim=-1)  # (B, C)
-        root = p.sqrt()
-        s = torch.diag_embed(root) - p[:, :, None] * root[:, None, :]  # (B, C, C): S S^T = Lambda
+        s = self._factors(f, y).to(f.dtype)  # (B, C, K): S S^T = Lambda (or its estimate)
         flat = [(key, a, out) for key, seen in calls.items() for a, out in seen]
         outputs = [out for *_, out in flat]
         diag = {name: torch.zeros_like(self.params_dict[name]) for name in self.params_dict}
-        for k in range(f.shape[-1]):
-            grads = torch.autograd.grad((f * s[:, :, k]).sum(), outputs, retain_graph=k < f.shape[-1] - 1)
+        for k in range(s.shape[-1]):
+            grads = torch.autograd.grad((f * s[:, :, k]).sum(), outputs, retain_graph=k < s.shape[-1] - 1)
             per_example: dict[int, dict[str, torch.Tensor]] = {}
             for (key, a, _), g in zip(flat, grads, strict=True):
                 module = modules[key]

@@ -122,8 +122,8 @@ def fit_once(data: LaplaceData, cfg: LaplaceConfig, prior_precision: float, log,
     fitted object, seconds)."""
     names_ = posterior_parameters(data.model, data.method, cfg.include_norms)
     log(
-        f"[distlap] fitting {cfg.hessian_structure} Laplace ({cfg.curvature}) on {len(data.fit.dataset)} "
-        f"training examples"
+        f"[distlap] fitting {cfg.hessian_structure} Laplace ({cfg.curvature}, {cfg.estimator}) on "
+        f"{len(data.fit.dataset)} training examples"
     )
     start = time.perf_counter()
     la = fit_laplace(
@@ -232,6 +232,8 @@ def result(
         names.PRIOR_METHOD: cfg.prior_method,
         names.HESSIAN: cfg.hessian_structure,
         names.BACKEND: cfg.curvature,
+        names.ESTIMATOR: cfg.estimator,
+        names.MC_SAMPLES: cfg.mc_samples if cfg.estimator == "mc" else None,
         names.PREDICTIVE: cfg.predictive,
         names.N_SAMPLES: cfg.n_samples if cfg.predictive == "nn" else None,
         names.N_SAMPLE_SETS: cfg.n_sample_sets if cfg.predictive == "nn" else None,

@@ -47,6 +47,23 @@ def backend_class(name: str):
     return getattr(curvature, BACKENDS[name])
 
 
+def curvature_options(cfg: LaplaceConfig) -> tuple[type, dict, dict]:
+    """(backend class, laplace-torch ``backend_kwargs``, ``asdl_fisher_kwargs``) of ``cfg.estimator``.
+
+    diag (distlap's backend): the estimator and ``mc_samples`` are the backend's own options. kron
+    (Curvlinops KFAC over the LoRA linear layers): ggn = KFAC of the GGN (curvlinops' type-2), mc =
+    its Monte-Carlo Fisher with ``mc_samples`` labels per example, ef = CurvlinopsEF's KFAC."""
+    if cfg.curvature == "exact":
+        return backend_class("exact"), {"estimator": cfg.estimator, "mc_samples": cfg.mc_samples}, {}
+    if cfg.estimator == "ef":
+        from laplace.curvature import CurvlinopsEF
+
+        return CurvlinopsEF, {}, {}
+    if cfg.estimator == "mc":
+        return backend_class(cfg.curvature), {"stochastic": True}, {"mc_samples": cfg.mc_samples}
+    return backend_class(cfg.curvature), {}, {}
+
+
 GRID = torch.logspace(-2, 4, 13)  # lambda grid of prior_method=gridsearch (13 points, 10^-2 .. 10^4)
 
 
@@ -158,12 +175,15 @@ def _laplace(
     """A new laplace-torch Laplace (after changing requires_grad: it reads the trainable set when built)."""
     import laplace
 
+    backend, backend_kwargs, fisher_kwargs = curvature_options(cfg)
     return laplace.Laplace(
         model,
         "classification",
         subset_of_weights="all",
         hessian_structure=cfg.hessian_structure,
-        backend=backend_class(cfg.curvature),
+        backend=backend,
+        backend_kwargs=backend_kwargs,
+        asdl_fisher_kwargs=fisher_kwargs,
         prior_precision=prior_precision,
         prior_mean=_flat_mean(model, names, prior_mean),
         temperature=n / (n_train or n),

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from distlap import names
 from distlap.sweep.settings import load_sweep_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -215,3 +218,64 @@ def test_local_provider_config_passes_validation():
     assert prepared["provider"]["head_ip"] == "127.0.0.1"
     assert all(ip.startswith("127.") for ip in prepared["provider"]["worker_ips"])  # loopback only
     assert not any(c.strip().startswith("ray stop") for c in prepared["worker_start_ray_commands"])
+
+
+def tiny_overrides(out: Path, fmnist_dir: Path) -> list[str]:
+    """What a CPU dry run changes in the cluster config: the model and data shrink to distlap's registry
+    tiny ViT on (fake) Fashion-MNIST, resources to this machine's 2 CPUs (one trial, one subset task),
+    stores to local SQLite, fewer bootstrap, shift and OOD examples. The Laplace and search settings
+    (estimator, samples, sample sets, predictive, prior, rank, lr) stay the config's."""
+    return [
+        f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
+        f"search.storage=sqlite:///{out / 'optuna.db'}",
+        "search.num_samples=1",
+        "resources.cpus_per_trial=1",
+        "resources.gpus_per_trial=0",
+        "resources.eval_tasks=1",
+        "resources.cpus_per_eval_task=1",
+        "resources.gpus_per_eval_task=0",
+        "resources.max_concurrent=1",
+        "trial.backbone.name=distlap/vit-tiny-fmnist",
+        "trial.data.dataset=fashion_mnist",
+        f"trial.data.path={fmnist_dir}",
+        "trial.data.max_train=200",
+        "trial.data.max_val=60",
+        "trial.data.max_test=60",
+        "trial.train.epochs=1",
+        "trial.train.max_lbfgs_steps=10",
+        "trial.laplace.fit_examples=64",
+        "trial.laplace.n_bootstrap=50",
+        "trial.shift.corruptions=[gaussian_noise]",
+        "trial.shift.severities=[3]",
+        "trial.shift.max_examples=30",
+        "trial.ood.max_examples=30",
+    ]
+
+
+@pytest.mark.slow
+def test_cluster_config_dry_run_on_cpu_at_tiny_scale(tmp_path, fake_fmnist_dir):
+    """`python sweeps/layerwise.py --config vit_b16_cifar100_cluster.yaml` with tiny_overrides: one Ray
+    Tune trial fine-tunes, fits the config's Laplace (Monte-Carlo GGN), evaluates every subset with the
+    nn predictive (30 samples x 3 sets) as a Ray subset task in a child bundle, logs to MLflow and
+    Optuna, and records the settings it ran with."""
+    out = tmp_path / "dry"
+    argv = ["--config", str(CONFIGS / "vit_b16_cifar100_cluster.yaml"), "--output", str(out)]
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "sweeps" / "layerwise.py"), *argv, *tiny_overrides(out, fake_fmnist_dir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's distlap
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    saved = load_sweep_config(out / "config.yaml")
+    cluster = load_sweep_config(CONFIGS / "vit_b16_cifar100_cluster.yaml")
+    assert saved.trial.laplace.model_dump(
+        exclude={"fit_examples", "n_bootstrap"}
+    ) == cluster.trial.laplace.model_dump(exclude={"fit_examples", "n_bootstrap"})
+    (result_file,) = (out / "trials").glob("*/layer_wise_results.json")
+    result = json.loads(result_file.read_text())
+    assert result[names.ESTIMATOR] == "mc" and result[names.PREDICTIVE] == "nn"
+    assert result[names.N_SAMPLES] == 30 and len(result["subsets"]) == 10  # 6 blocks + 3 groups + all
+    assert "as Ray tasks" in run.stdout + run.stderr  # the subsets ran in the trial's child bundle

@@ -1,0 +1,70 @@
+"""benchmarks/vit_b16.py at --scale tiny: the issue-17 pipeline runs end to end on CPU and its JSON holds
+every figure, the goals, the settings it ran with and where it came from."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FIGURES = {
+    "finetune_images_per_s",
+    "finetune_peak_gib",
+    "fit_s",
+    "fit_peak_gib",
+    "eval_s",
+    "eval_peak_gib",
+    "subsets",
+    "coalitions",
+    "nn_eval_s",
+    "nn_samples",
+    "lora_vit_s_images_per_s",
+    "lora_vit_s_peak_gib",
+    "goals",
+    "verdicts",
+}
+
+
+@pytest.mark.slow
+def test_tiny_scale_runs_and_writes_its_figures_with_provenance(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # this checkout's distlap
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "vit_b16.py"),
+            "--scale",
+            "tiny",
+            "--nn",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    (path,) = tmp_path.glob("vit_b16-*.json")
+    record = json.loads(path.read_text())
+    figures = record["figures"]
+    assert set(figures) >= FIGURES, FIGURES - set(figures)
+    assert figures["subsets"] == 16 and figures["coalitions"] == 2**12  # 12 blocks, 3 groups, all
+    assert figures["nn_samples"] == 30 * record["settings"]["config"]["laplace"]["n_sample_sets"]
+    assert all(
+        figures[k] > 0 for k in ("finetune_images_per_s", "fit_s", "eval_s", "lora_vit_s_images_per_s")
+    )
+    assert figures["eval_peak_gib"] is None and "n/a (CPU)" in run.stdout  # no CUDA here
+    assert set(figures["verdicts"]) == set(figures["goals"]) == {"eval_s", "lora_vit_s_images_per_s"}
+    assert record["settings"]["scale"] == "tiny" and record["settings"]["n_test"] == 64
+    laplace = record["settings"]["config"]["laplace"]
+    assert laplace["estimator"] == "mc" and laplace["predictive"] == "glm"  # the config's estimator, glm
+    prov = record["provenance"]
+    assert len(prov["git_commit"]) == 40 and prov["packages"]["torch"] and prov["device"].startswith("cpu")
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert prov["git_commit"] == head.stdout.strip()  # this checkout's code was measured
