@@ -91,7 +91,9 @@ def setup(args):
         }
     )
     ft = fine_tune(cfg, log=lambda m: None)
-    la_cfg = cfg.laplace.model_copy(update={"backend": args.backend, "n_samples": args.samples})
+    # one sample set of K: the naive loop draws K samples per subset, so both sides run K forward passes
+    update = {"backend": args.backend, "n_samples": args.samples, "n_sample_sets": 1}
+    la_cfg = cfg.laplace.model_copy(update=update)
     fit = ft.loader("train", batch_size=la_cfg.batch_size, max_examples=la_cfg.fit_examples)
     return ft, la_cfg, fit, ft.loader("test", batch_size=la_cfg.eval_batch_size)
 

@@ -42,11 +42,17 @@ def test_yaml_then_overrides(tmp_path):
         ("data.val_fraction=1.5", r"data\.val_fraction"),
         ("data.classes=[3, 3]", r"data\.classes: .*distinct"),
         ("train.device=tpu", r"train\.device"),
+        ("laplace.subsets={x: []}", r"subset 'x' = \[\]: name one or more distinct block indices"),
+        ("laplace.subsets={x: [1, 1]}", r"subset 'x' = \[1, 1\]: name one or more distinct"),
+        (
+            ("laplace.hessian_structure=kron", "peft.method=norm"),
+            r"laplace.hessian_structure=kron cannot cover LayerNorm parameters",
+        ),
     ],
 )
 def test_bad_values_name_field_and_value(override, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(overrides=[override])
+        load_config(overrides=[override] if isinstance(override, str) else list(override))
 
 
 def test_tiny_backbone_refuses_other_data():
