@@ -37,6 +37,14 @@ from distlap.names import SUBSET_KIND as KIND
 KINDS = ("layer", "group", "all")  # a single block, several blocks, every block
 DELTA = names.delta("subset", "test", "ece")  # what subsets are ranked by
 TIE = 1e-6  # metric differences below this are float noise (fp32 probabilities): ties
+
+
+def tied(values: pd.Series) -> pd.Series:
+    """``values`` in units of :data:`TIE`, rounded: equal where they differ only by float noise (e.g. the
+    Δ of blocks the MAP switched off), so sorting or ranking them keeps their order."""
+    return (values / TIE).round()
+
+
 DELTA_LOW, DELTA_HIGH = names.interval(DELTA)
 DELTA_ACCURACY = names.delta("subset", "test", "accuracy")
 TEST, VAL, MAP_TEST = (
@@ -129,8 +137,12 @@ def summary_table(subsets: pd.DataFrame, config_params: list[str], direction: st
     stds = groups[present].std(ddof=1).add_suffix("_std")
     table = table.join(means).join(stds).reset_index()
     table = _with_ci(table, groups[[DELTA_LOW, DELTA_HIGH]].first().reset_index(drop=True))
-    tied = (table[DELTA] / TIE).round()  # float noise on equal Δ (switched-off blocks) must not rank them
-    table[RANK] = tied.groupby(table[CONFIG], sort=False).rank(ascending=False, method="first").astype(int)
+    table[RANK] = (
+        tied(table[DELTA])
+        .groupby(table[CONFIG], sort=False)
+        .rank(ascending=False, method="first")
+        .astype(int)
+    )
     order = table.groupby(CONFIG, sort=False)[OBJECTIVE].first()
     order = order.sort_values(ascending=direction == "min", kind="stable").index
     table[CONFIG] = pd.Categorical(table[CONFIG], categories=order, ordered=True)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.aggregate import TIE
+from analysis.aggregate import tied
 from analysis.figures import plt, save
 from distlap import names
 
@@ -134,8 +134,7 @@ def ranking_survives(ranked: pd.DataFrame) -> dict:
     tuned = names.delta("subset_tuned", "test", "ece")
     if tuned not in ranked or ranked[tuned].isna().all():
         return {"available": False}
-    glob = (ranked[names.delta("subset", "test", "ece")] / TIE).round()  # float noise is a tie
-    own = (ranked[tuned] / TIE).round()
+    glob, own = tied(ranked[names.delta("subset", "test", "ece")]), tied(ranked[tuned])
     tau = stats.kendalltau(glob, own).statistic
     top = ranked[names.SUBSET].iloc[int(np.argmax(glob))]  # the first of tied rows, in rank order
     top_tuned = ranked[names.SUBSET].iloc[int(np.argmax(own))]

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import pandas as pd
 
 from analysis import attribution
-from analysis.aggregate import DELTA, DELTA_ACCURACY, DELTA_HIGH, DELTA_LOW, TEST, TIE, config_label, ranking
+from analysis.aggregate import DELTA, DELTA_ACCURACY, DELTA_HIGH, DELTA_LOW, TEST, config_label, ranking, tied
 from analysis.collect import SweepData
 from distlap import names
 from distlap.names import (
@@ -96,8 +96,7 @@ def _attribution(results: list[dict]) -> dict | None:
         return None
     out = {}
     for score, rows in table.groupby(attribution.SCORE, sort=False):
-        tied = (rows[attribution.VALUE] / TIE).round()  # float noise is a tie: block order
-        rows = rows.loc[tied.sort_values(ascending=False, kind="stable").index]
+        rows = rows.loc[tied(rows[attribution.VALUE]).sort_values(ascending=False, kind="stable").index]
         out[score] = [{k: _clean(v) for k, v in row.items()} for row in rows.to_dict("records")]
     best = attribution.best_k_table(results)
     out["best_k"] = [

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.aggregate import TIE
+from analysis.aggregate import tied
 from analysis.page import with_interval
 from distlap import intervals, names, ranking, seed_intervals
 
@@ -192,10 +192,9 @@ def _baseline_line(table: pd.DataFrame, name: str) -> str:
 
 
 def _first_best(rows: pd.DataFrame, column: str, *, ascending: bool) -> str:
-    """The best row by ``column``; values within :data:`analysis.aggregate.TIE` are tied and the first
-    row wins (single blocks in depth order, then groups): float noise on equal values picks no name."""
-    key = (rows[column] / TIE).round()
-    return rows.loc[key.sort_values(ascending=ascending, kind="stable").index, "name"].iloc[0]
+    """The best row by ``column``; of rows equal up to float noise (:func:`analysis.aggregate.tied`) the
+    first wins (single blocks in depth order, then groups): float noise picks no name."""
+    return rows.loc[tied(rows[column]).sort_values(ascending=ascending, kind="stable").index, "name"].iloc[0]
 
 
 def _best_vs_temperature(table: pd.DataFrame, results: list[dict]) -> list[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import fake_images, make_tiny_vit, write_idx
+from helpers import fake_images, make_tiny_vit, tiny_trial, write_idx
 
 
 @pytest.fixture(scope="session")
@@ -59,12 +59,7 @@ def fine_tuned(fake_fmnist_dir, tiny_vit_dir, tmp_path_factory):
     torch.set_num_threads(1)
     cfg = load_config(
         overrides=[
-            f"data.path={fake_fmnist_dir}",
-            f"backbone.name={tiny_vit_dir}",
-            "data.classes=[5,6,7,8,9]",
-            "train.epochs=2",
-            "train.batch_size=32",
-            "train.lr=5e-3",
+            *tiny_trial(fake_fmnist_dir, tiny_vit_dir),
             "train.num_threads=1",
             "train.prior_precision=50",
             "laplace.fit_examples=64",

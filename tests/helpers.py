@@ -87,3 +87,15 @@ def study_of(ft, laplace=None, **kw):
         log=lambda m: None,
         **kw,
     )
+
+
+def tiny_trial(fmnist_dir: Path, vit_dir: Path) -> list[str]:
+    """Overrides of a tiny LoRA trial: the fake Fashion-MNIST, the 4-block ViT, classes 5-9, 2 epochs."""
+    return [
+        f"data.path={fmnist_dir}",
+        f"backbone.name={vit_dir}",
+        "data.classes=[5,6,7,8,9]",
+        "train.epochs=2",
+        "train.batch_size=32",
+        "train.lr=5e-3",
+    ]

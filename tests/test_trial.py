@@ -8,6 +8,7 @@ from distlap.config import load_config
 from distlap.names import LAYERWISE_FILE, TRIAL_FILE
 from distlap.trial import laplace_metrics, main, run_trial
 from distlap.zoo import FASHION_MNIST_DIR
+from helpers import tiny_trial
 
 MAP_TEST = names.scores("map", "test")
 
@@ -15,12 +16,7 @@ MAP_TEST = names.scores("map", "test")
 def trial_cfg(fake_fmnist_dir, tiny_vit_dir, tmp_path, *extra):
     return load_config(
         overrides=[
-            f"data.path={fake_fmnist_dir}",
-            f"backbone.name={tiny_vit_dir}",
-            "data.classes=[5,6,7,8,9]",
-            "train.epochs=2",
-            "train.batch_size=32",
-            "train.lr=5e-3",
+            *tiny_trial(fake_fmnist_dir, tiny_vit_dir),
             "train.converge=false",  # the epochs only; test_the_map_is_stationary converges
             f"output_dir={tmp_path / 'out'}",
             *extra,

@@ -374,13 +374,15 @@ def describe_metrics(metrics: Iterable[str], heading: str = "") -> str:
         *([heading, ""] if heading else []),
         *(["| metric | meaning |", "| --- | --- |"] if keys else []),
     ]
+    size = sum(len(x) + 1 for x in lines)
     for i, key in enumerate(keys):
         try:
             meaning = names.describe(key).axis()
         except KeyError:
             meaning = ""
         row = f"| `{key}` | {meaning} |"
-        if sum(len(x) + 1 for x in [*lines, row]) + 80 > DESCRIPTION_CHARS:
+        size += len(row) + 1
+        if size + 80 > DESCRIPTION_CHARS:
             lines.append(f"\n... and {len(keys) - i} more metrics (their meanings: distlap.names)")
             break
         lines.append(row)
