@@ -26,7 +26,7 @@ from distlap.names import CONFIG_FILE, RAY_DIR, SUMMARY_FILE
 from distlap.provenance import provenance
 from distlap.sweep import preflight, recovery
 from distlap.sweep.lock import SweepLock, check_owned
-from distlap.sweep.progress import ProgressView, key_metrics, quiet_start
+from distlap.sweep.progress import ProgressView, key_metrics, quiet_start, quiet_worker
 from distlap.sweep.search import StudySearch
 from distlap.sweep.settings import SweepConfig, load_sweep_config, max_concurrent
 from distlap.sweep.stores import StoreError, check_stores, client_env, store_fault
@@ -215,6 +215,10 @@ def _check_output(cfg: SweepConfig, resume: bool) -> None:
         )
 
 
+# Run by Ray in every worker of the sweep (named, not pickled: the workers import it themselves).
+WORKER_SETUP = f"{quiet_worker.__module__}.{quiet_worker.__name__}"
+
+
 def _connect(address: str | None) -> bool:
     """Join the cluster at ``address`` or start a local Ray; True if this call started Ray."""
     if ray.is_initialized():
@@ -225,7 +229,7 @@ def _connect(address: str | None) -> bool:
             address=address or "local",
             include_dashboard=False if address is None else None,
             log_to_driver=True,
-            runtime_env={"env_vars": client_env()},
+            runtime_env={"env_vars": client_env(), "worker_process_setup_hook": WORKER_SETUP},
         )
     except (ConnectionError, RuntimeError, TimeoutError, ValueError) as err:
         first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
