@@ -14,6 +14,7 @@ import contextlib
 import functools
 import os
 import shlex
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +27,7 @@ from distlap.names import CONFIG_FILE, RAY_DIR, SUMMARY_FILE
 from distlap.provenance import provenance
 from distlap.sweep import preflight, recovery
 from distlap.sweep.lock import SweepLock, check_owned
-from distlap.sweep.progress import ProgressView, key_metrics, quiet_start, quiet_worker
+from distlap.sweep.progress import ProgressView, key_metrics, quiet_start
 from distlap.sweep.search import StudySearch
 from distlap.sweep.settings import SweepConfig, load_sweep_config, max_concurrent
 from distlap.sweep.stores import StoreError, check_stores, client_env, store_fault
@@ -213,6 +214,23 @@ def _check_output(cfg: SweepConfig, resume: bool) -> None:
             f"{cfg.out} already holds a sweep; continue it with --resume --output {cfg.out} "
             "or choose another --output"
         )
+
+
+def quiet_worker() -> None:
+    """In a Ray worker: keep Python's report of exceptions it cannot raise, except ``SystemExit``.
+
+    Ray's SIGTERM handler raises ``SystemExit`` wherever the worker is; inside a weakref callback or a
+    ``__del__`` Python cannot raise it and prints "Exception ignored ... Traceback ... SystemExit: 1"
+    instead (seen when Tune stops a finished trial's worker). What the worker does next is unchanged;
+    only that traceback, which no one can act on, is not printed. Any other exception still is.
+    """
+    default = sys.__unraisablehook__
+
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, SystemExit):
+            default(unraisable)
+
+    sys.unraisablehook = hook
 
 
 # Run by Ray in every worker of the sweep (named, not pickled: the workers import it themselves).

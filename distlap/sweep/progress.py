@@ -11,9 +11,6 @@ everything is and how to look at it.
   came, one line per layer subset, without Ray's ``(pid=...)`` prefix and without Ray's deduplication
   (which hid subset lines as "[repeated 2x across cluster]"); at the end it waits for the trials' last
   lines, so they come before the summary.
-- :func:`quiet_worker` (Ray's ``worker_process_setup_hook``, run in every worker): a worker told to stop
-  (SIGTERM) while Python runs a weakref callback or a ``__del__`` printed Ray's ``SystemExit`` as an
-  "Exception ignored" traceback that asks nothing of the user; that one case is no longer printed.
 - :func:`closing_lines`: the output folder's contents and the exact ``mlflow ui``, ``optuna-dashboard``,
   ``optuna trials`` and report commands, with the URL of the sweep's MLflow runs table.
 """
@@ -60,23 +57,6 @@ def quiet_start(address: str | None) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for name in ("mlflow.store.db.utils", "alembic", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def quiet_worker() -> None:
-    """In a Ray worker: keep Python's report of exceptions it cannot raise, except ``SystemExit``.
-
-    Ray's SIGTERM handler raises ``SystemExit`` wherever the worker is; inside a weakref callback or a
-    ``__del__`` Python cannot raise it and prints "Exception ignored ... Traceback ... SystemExit: 1"
-    instead (seen when Tune stops a finished trial's worker). What the worker does next is unchanged;
-    only that traceback, which no one can act on, is not printed. Any other exception still is.
-    """
-    default = sys.__unraisablehook__
-
-    def hook(unraisable) -> None:
-        if not isinstance(unraisable.exc_value, SystemExit):
-            default(unraisable)
-
-    sys.unraisablehook = hook
 
 
 def key_metrics(cfg: SweepConfig) -> list[str]:
