@@ -37,14 +37,6 @@ from distlap.names import SUBSET_KIND as KIND
 KINDS = ("layer", "group", "all")  # a single block, several blocks, every block
 DELTA = names.delta("subset", "test", "ece")  # what subsets are ranked by
 TIE = 1e-6  # metric differences below this are float noise (fp32 probabilities): ties
-
-
-def tied(values: pd.Series) -> pd.Series:
-    """``values`` in units of :data:`TIE`, rounded: equal where they differ only by float noise (e.g. the
-    Δ of blocks the MAP switched off), so sorting or ranking them keeps their order."""
-    return (values / TIE).round()
-
-
 DELTA_LOW, DELTA_HIGH = names.interval(DELTA)
 DELTA_ACCURACY = names.delta("subset", "test", "accuracy")
 TEST, VAL, MAP_TEST = (
@@ -67,6 +59,12 @@ AGGREGATED = (
     names.SUBSET_TIME,
 )
 _LAYER = re.compile(r"layer_\d+")
+
+
+def tied(values: pd.Series) -> pd.Series:
+    """``values`` in units of :data:`TIE`, rounded: equal where they differ only by float noise (e.g. the
+    Δ of blocks the MAP switched off), so sorting or ranking them keeps their order."""
+    return (values / TIE).round()
 
 
 def subset_kind(name: str, blocks: list[int]) -> str:
