@@ -96,7 +96,7 @@ def failure_policy(cfg: SweepConfig) -> Iterator[None]:
             return False
         return trial.run_metadata.num_failures <= cfg.max_failures
 
-    quiet = _StoreFaultFilter(cfg)
+    quiet = _QuietTune(cfg)
     Trial.should_recover = should_recover
     for name in _TUNE_LOGGERS:
         logging.getLogger(name).addFilter(quiet)
@@ -108,14 +108,17 @@ def failure_policy(cfg: SweepConfig) -> Iterator[None]:
             logging.getLogger(name).removeFilter(quiet)
 
 
-class _StoreFaultFilter(logging.Filter):
-    """Tune logs a failed trial's whole traceback; for a store fault distlap prints one line instead."""
+class _QuietTune(logging.Filter):
+    """Tune logs a failed trial's whole traceback, and its own resume hint (``Tuner.restore(...)``) when
+    the sweep is stopped; distlap prints one line for a store fault and its own ``--resume`` command."""
 
     def __init__(self, cfg: SweepConfig):
         super().__init__()
         self.cfg = cfg
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if "Tuner.restore(" in record.getMessage():
+            return False
         error = record.exc_info[1] if record.exc_info else None
         return error is None or store_fault(error, self.cfg) is None
 

@@ -159,6 +159,9 @@ def test_interrupted_sweep_resumes_to_exactly_n_trials(tmp_path):
             break
         time.sleep(0.2)
     assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    first_log = log.read_text()  # one resume hint, distlap's own (not Tune's Tuner.restore(...))
+    assert f"continue with: python sweeps/layerwise.py --resume --output {out}" in first_log
+    assert "Tuner.restore(" not in first_log, first_log[-3000:]
     assert len(load_study(load_sweep_config(out / "config.yaml").search).trials) < 3 or "unfinished" in set(
         pd.read_csv(out / "summary.csv").status
     )

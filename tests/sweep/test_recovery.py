@@ -125,3 +125,18 @@ def test_tune_logs_no_traceback_for_a_store_fault(tmp_path, caplog):
             except _RayTaskError:
                 tune_log.exception("Trial task failed")
     assert [r.exc_info[1].cause.args for r in caplog.records] == [("a bug",)]
+
+
+def test_tunes_own_resume_hint_is_dropped_for_distlaps(tmp_path, caplog):
+    """Stopped, Tune suggests ``Tuner.restore(...)``; a distlap user resumes with ``--resume`` (which
+    distlap prints), so Tune's hint is dropped and its other warnings are kept."""
+    import logging
+
+    cfg = resolve(SweepConfig(output_dir=str(tmp_path)))
+    tune_log = logging.getLogger("ray.tune.tune")
+    with recovery.failure_policy(cfg), caplog.at_level(logging.WARNING):
+        tune_log.warning("Experiment has been interrupted.\nResume experiment with: Tuner.restore(path='x')")
+        tune_log.warning("Trials did not complete")
+    assert [r.getMessage() for r in caplog.records] == ["Trials did not complete"]
+    tune_log.warning("Resume experiment with: Tuner.restore(path='x')")  # outside a sweep: untouched
+    assert len(caplog.records) == 2
