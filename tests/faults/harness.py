@@ -112,7 +112,7 @@ def read_only(folder: Path):
     ):
         pytest.skip("needs root and mount (a read-only bind mount)")
     try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", folder, folder], check=True, capture_output=True)
+        _remount_read_only(folder)
         yield folder
     finally:
         for _ in range(20):  # busy while a process still has a file open there
@@ -121,6 +121,20 @@ def read_only(folder: Path):
             time.sleep(0.5)
         else:
             subprocess.run(["umount", "-l", folder], capture_output=True)
+
+
+def _remount_read_only(folder: Path, seconds: float = 60) -> None:
+    """The kernel refuses a read-only remount ("mount point is busy") while any process holds a file
+    there open for writing (an MLflow SQLite connection between writes, say): retry until it is idle."""
+    deadline = time.monotonic() + seconds
+    while True:
+        command = ["mount", "-o", "remount,bind,ro", folder, folder]
+        remount = subprocess.run(command, capture_output=True, text=True)
+        if not remount.returncode:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{folder} stayed busy for {seconds:.0f} s: {remount.stderr.strip()}")
+        time.sleep(0.05)
 
 
 def _postgres_bin(name: str) -> str | None:
