@@ -6,7 +6,8 @@
   failure -- a non-finite loss with this configuration and seed, a bad setting, data set or backbone --
   is not retried: it would fail the same way. Anything else (a worker lost with its node, an out-of-
   memory kill) is retried up to ``max_failures`` times, the value of the config being run, so
-  ``--resume max_failures=N`` applies to the restored trials too.
+  ``--resume max_failures=N`` applies to the restored trials too. Meanwhile Tune's logs drop a store
+  fault's traceback and Tune's own ``Tuner.restore(...)`` hint (distlap prints one line and ``--resume``).
 - :func:`stop_sweep`: the first store fault ends the sweep the way Ctrl-C does (Ray Tune's own SIGUSR1
   handler: running trials are stopped and saved as unfinished), and the driver prints one message.
 - :func:`replaying`: a trial whose result is already recorded (``trial_result.json`` says ok; Ray's
