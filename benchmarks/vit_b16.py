@@ -116,7 +116,7 @@ def trial_config(scale: Scale, backbone: Path, data: Path, **extra) -> TrialConf
     ours = {
         "backbone": {"name": str(backbone)},
         "data": {"path": str(data), "val_fraction": scale.n_val / n, "max_test": scale.n_test},
-        "train": {"epochs": scale.epochs, "converge": False},
+        "train": {"epochs": scale.epochs, "regime": "posthoc"},
         "laplace": {"predictive": "glm"},
     }
     return build(TrialConfig, deep_merge(deep_merge(raw, ours), extra))

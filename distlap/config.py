@@ -1,4 +1,5 @@
-"""Validated settings: typed pydantic models built from YAML plus ``key=value`` overrides.
+"""Validated settings of one trial: typed pydantic models built from YAML plus ``key=value`` overrides
+(:mod:`distlap.config_base`).
 
 Every field carries its meaning in ``description``; an unknown key or a bad value fails here,
 before any work starts, with a :class:`ConfigError` naming the field and the value.
@@ -9,18 +10,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from distlap.config_base import ConfigError, build, deep_merge, parse_overrides, read_yaml, to_yaml
+from distlap.config_base import Strict as _Strict
 from distlap.zoo import TINY_BACKBONES
 
-
-class ConfigError(ValueError):
-    """An invalid setting; the message names the field, the value and what is allowed."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+__all__ = [  # the loading helpers are re-exported: callers read settings from one module
+    "ConfigError",
+    "build",
+    "deep_merge",
+    "load_config",
+    "parse_overrides",
+    "read_yaml",
+    "to_yaml",
+]
 
 
 class DataConfig(_Strict):
@@ -87,9 +91,35 @@ class TrainConfig(_Strict):
     prior_precision: float = Field(
         1.0,
         gt=0,
-        description="Gaussian prior precision lambda on the tuned parameters (mean theta0: 0 for LoRA "
-        "factors and the head, the pretrained value for LayerNorms); the MAP objective is mean NLL + "
-        "lambda / (2N) ||theta - theta0||^2, coupled (inside the gradient).",
+        description="Gaussian prior precision lambda on the tuned parameters (mean theta0: prior_anchor); "
+        "the training objective is mean NLL + lambda / (2N) ||theta - theta0||^2, coupled (in the gradient).",
+    )
+    prior_anchor: Literal["init", "zero"] = Field(
+        "init",
+        description="theta0 of the LoRA factors. init: A at its seeded initialisation, B at 0 (BA = 0, yet "
+        "the prior cannot switch a block off); zero: A and B at 0, a nuclear-norm penalty on BA that "
+        "switches whole blocks off at strong lambda. The head is anchored at 0, LayerNorms at their "
+        "pretrained value; theta0 is saved with the adapter.",
+    )
+    regime: Literal["posthoc", "mode"] = Field(
+        "posthoc",
+        description="posthoc (Laplace-LoRA's convention): the epochs only, the Laplace fit at that "
+        "theta-hat; its distance from a mode is measured, and the layer-wise answer is recomputed after "
+        "refine_steps more L-BFGS steps toward the mode. mode: L-BFGS after the epochs until stationary "
+        "(stationarity_tol, max_lbfgs_steps); reachable at strong priors.",
+    )
+    refine_steps: int = Field(
+        300,
+        ge=0,
+        description="posthoc, layer-wise: at most this many L-BFGS steps from theta-hat toward the mode "
+        "before the answer is recomputed (robustness/...). 0 = not measured.",
+    )
+    refine_to: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="posthoc: the refinement stops once the stationarity is refine_to times its value at "
+        "theta-hat (0.5: halved; 0: at stationarity_tol, the mode).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto = CUDA with bf16 autocast when present, else CPU fp32."
@@ -98,17 +128,22 @@ class TrainConfig(_Strict):
         None, gt=0, description="torch intra-op threads; None = the CPUs this process may use."
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; None = off.")
-    converge: bool = Field(
-        True,
-        description="After the epochs, full-batch L-BFGS on the negative log joint until theta* is "
-        "stationary (the Laplace approximation needs a mode); False stops after the epochs.",
-    )
     stationarity_tol: float = Field(
         1e-2, gt=0, description="Stop L-BFGS once ||grad log joint|| <= tol * ||grad NLL|| at theta*."
     )
     max_lbfgs_steps: int = Field(
-        500, ge=0, description="Cap on L-BFGS iterations (each about one full pass over the training split)."
+        500, ge=0, description="mode: cap on L-BFGS iterations (each about one pass over the training split)."
     )
+
+    @model_validator(mode="after")
+    def _budgets_of_the_regime(self) -> TrainConfig:
+        refining = {"refine_steps", "refine_to"} & self.model_fields_set
+        if self.regime == "mode" and refining:
+            raise ValueError(
+                f"train.{min(refining)} refines a post-hoc theta-hat; regime=mode already trains to "
+                "stationarity (set train.regime=posthoc, or drop it)"
+            )
+        return self
 
 
 class LaplaceConfig(_Strict):
@@ -330,63 +365,6 @@ class TrialConfig(_Strict):
 # --- loading -------------------------------------------------------------------------------------
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["peft.rank=4", "data.classes=[5,6]"]`` -> nested dict; values are parsed as YAML."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {pair!r} is not of the form key=value (e.g. peft.rank=4)")
-        node = out
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {pair!r} conflicts with an earlier override of {part!r}")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
-    return out
-
-
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping at top level")
-    return raw
-
-
-def build(model: type[BaseModel], raw: dict[str, Any]):
-    """Validate ``raw`` into ``model``, turning pydantic's report into one readable ConfigError."""
-    try:
-        return model.model_validate(raw)
-    except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            field = ".".join(str(p) for p in e["loc"]) or "<top level>"
-            if e["type"] == "extra_forbidden":
-                lines.append(f"{field}: unknown setting (value {e['input']!r}); check the spelling")
-            elif e["type"] == "value_error":  # our own validators already name fields and values
-                lines.append(f"{field}: {e['msg'].removeprefix('Value error, ')}")
-            else:
-                lines.append(f"{field}: {e['msg']} (got {e.get('input')!r})")
-        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
-
-
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, model: type[BaseModel] = TrialConfig
 ):
@@ -394,7 +372,3 @@ def load_config(
     raw = read_yaml(path) if path is not None else {}
     raw = deep_merge(raw, parse_overrides(overrides or []))
     return build(model, raw)
-
-
-def to_yaml(cfg: BaseModel) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

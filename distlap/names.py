@@ -210,7 +210,7 @@ _SCALARS: dict[str, Name] = {
             Name(BEST_K + s, f"Δ{SCORES[s].label} of the greedy best k blocks", better="higher")
             for s in ("ece", "nll")
         ),
-        Name(BEST_SUBSET, "subset with the largest test Δ_ECE"),
+        Name(BEST_SUBSET, "subset with the largest validation Δ_ECE (selected on validation)"),
         Name(ACCURACY_PER_PCT, "Acc@1 points per Tuned Params %", better="higher"),
         Name(OBJECTIVE, "search objective (validation)"),
         Name(N_SEEDS, "training seeds"),
@@ -219,6 +219,45 @@ _SCALARS: dict[str, Name] = {
         Name(N_FAILED, "trials failed"),
     )
 }
+
+# --- the prior, the training regime and the answer's robustness to theta-hat not being a mode ------
+
+PRIOR_ANCHOR = "laplace/prior_anchor"  # theta0 of the LoRA factors: init (A at its initialisation) | zero
+REGIME = "laplace/regime"  # posthoc (Laplace at the fine-tuned theta-hat) | mode (trained to stationarity)
+SWITCH_OFF = "laplace/switch_off"  # zero anchor: per block, the test whether A = B = 0 is a local minimum
+ROBUSTNESS = "robustness/"  # prefix: the layer-wise answer at theta-hat against after further optimisation
+ROBUST_STEPS = ROBUSTNESS + "steps"
+ROBUST_TIME = ROBUSTNESS + "seconds"
+ROBUST_BEFORE = ROBUSTNESS + "stationarity_before"
+ROBUST_AFTER = ROBUSTNESS + "stationarity_after"
+ROBUST_MOVED = ROBUSTNESS + "moved"
+ROBUST_TAU = ROBUSTNESS + "kendall_tau"
+ROBUST_TOP = ROBUSTNESS + "top_block_agrees"
+ROBUST_GROUP = ROBUSTNESS + "best_group_agrees"
+ROBUST_CHANGE = ROBUSTNESS + "max_delta_ece_change"
+_SCALARS.update(
+    {
+        n.key: n
+        for n in (
+            Name(PRIOR_ANCHOR, "prior mean of the LoRA factors (init: A at its initialisation; zero)"),
+            Name(REGIME, "training regime (posthoc: Laplace at the fine-tuned point; mode: stationary)"),
+            Name(SWITCH_OFF, "zero anchor, per block: top singular value of ∇_W NLL against λ/(N·s)"),
+            Name(ROBUST_STEPS, "L-BFGS steps from θ̂ toward the mode", better=None),
+            Name(ROBUST_TIME, "time of the refinement and the second study", "s", "lower"),
+            Name(ROBUST_BEFORE, "stationarity at θ̂", better="lower"),
+            Name(ROBUST_AFTER, "stationarity after the refinement", better="lower"),
+            Name(ROBUST_MOVED, "the refinement at least halved the stationarity (or reached the mode)"),
+            Name(ROBUST_TAU, "Kendall τ of the single-block Δ_ECE, at θ̂ vs refined", better="higher"),
+            Name(ROBUST_TOP, "the top block (chosen on validation) is the same at both points"),
+            Name(ROBUST_GROUP, "the best of early/mid/late (chosen on validation) is the same at both"),
+            Name(
+                ROBUST_CHANGE,
+                "largest change of a subset's test Δ_ECE between the two points",
+                better="lower",
+            ),
+        )
+    }
+)
 
 # --- settings (config paths) that are searched or grouped by ---------------------------------------
 

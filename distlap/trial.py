@@ -17,12 +17,15 @@ from pathlib import Path
 from distlap import names, protocol
 from distlap.bayes.evaluate import split_scores
 from distlap.bayes.layers import layer_subsets, num_blocks
-from distlap.bayes.layerwise import LaplaceData, NNEvaluator, Scoring, run_layerwise, write_results
+from distlap.bayes.layerwise import LaplaceData, NNEvaluator, Scoring, Study, run_layerwise, write_results
+from distlap.bayes.switch_off import switch_off_test
 from distlap.config import ConfigError, TrialConfig, load_config, to_yaml
 from distlap.finetune.backbones import BackboneError
 from distlap.finetune.data import DataError
-from distlap.finetune.run import FineTuned, prepare, train
+from distlap.finetune.run import ADAPTER_DIR, FineTuned, prepare, save_adapter, train
+from distlap.finetune.train import regime_note
 from distlap.provenance import provenance
+from distlap.robustness import robustness
 from distlap.runtime import predict
 
 
@@ -49,11 +52,13 @@ def layerwise(
     fitted: dict | None = None,
     on_fit=None,
     log=print,
-) -> dict:
-    """The layer-wise study of ``ft`` with its config's Laplace settings (see :func:`run_layerwise`)."""
+) -> Study:
+    """The layer-wise study of ``ft`` with its config's Laplace settings (see :func:`run_layerwise`),
+    its result recording the prior's anchor and the regime (and, under the zero anchor, the switch-off
+    test of every LoRA block)."""
     cfg = ft.cfg
     scoring = Scoring(n_bins=cfg.n_bins, n_bootstrap=cfg.laplace.n_bootstrap, seed=cfg.seed)
-    return run_layerwise(
+    study = run_layerwise(
         laplace_data(ft),
         cfg.laplace,
         prior_precision=cfg.train.prior_precision,
@@ -63,6 +68,48 @@ def layerwise(
         fitted=fitted,
         on_fit=on_fit,
         log=log,
+    )
+    study.result |= prior_record(ft, log)
+    return study
+
+
+def prior_record(ft: FineTuned, log) -> dict:
+    """``laplace/prior_anchor``, ``laplace/regime`` and, for LoRA under the zero anchor,
+    ``laplace/switch_off``: per block, whether the prior alone makes A = B = 0 a local minimum."""
+    train_cfg = ft.cfg.train
+    out = {names.PRIOR_ANCHOR: train_cfg.prior_anchor, names.REGIME: train_cfg.regime}
+    if train_cfg.prior_anchor != "zero" or ft.cfg.peft.method == "norm":
+        return out
+    fit = ft.loader("train", batch_size=ft.cfg.laplace.batch_size)
+    tests = switch_off_test(ft.model, fit, train_cfg.prior_precision, len(ft.splits.train), ft.device)
+    for t in tests:
+        verdict = "a local minimum: the prior silences it" if t["silenced"] else "not a minimum"
+        log(
+            f"[distlap] zero anchor, block {t['block']}: sigma_max(grad_W NLL) at A = B = 0 is "
+            f"{t['sigma']:.3g}, lambda/(N s) = {t['threshold']:.3g}: the origin is {verdict}"
+        )
+    return out | {names.SWITCH_OFF: tests}
+
+
+def evaluate(ft: FineTuned, study: Study, log=print) -> dict:
+    """Everything after the layer-wise study: the protocol (baselines, shift, OOD, inference,
+    :func:`distlap.protocol.evaluate`) and, in the posthoc regime, the robustness of the answer to θ̂
+    not being a mode (:func:`distlap.robustness.robustness`, ``result["robustness"]``)."""
+    result = protocol.evaluate(ft, study, log=log)
+    train_cfg = ft.cfg.train
+    if train_cfg.regime == "posthoc" and train_cfg.refine_steps > 0:
+        result["robustness"] = robustness(ft, study, lambda lam: restudy(ft, lam), log=log)
+    return result
+
+
+def restudy(ft: FineTuned, prior_precision: float) -> Study:
+    """The layer-wise study again at the model's current parameters, as cheaply as the comparison allows:
+    glm at the fixed ``prior_precision``, no bootstrap, quiet."""
+    cfg = ft.cfg
+    la = cfg.laplace.model_copy(update={"predictive": "glm", "prior_method": "fixed", "shapley_bootstrap": 0})
+    scoring = Scoring(n_bins=cfg.n_bins, n_bootstrap=1, seed=cfg.seed)
+    return run_layerwise(
+        laplace_data(ft), la, prior_precision=prior_precision, scoring=scoring, log=lambda _: None
     )
 
 
@@ -90,7 +137,8 @@ def costs(ft: FineTuned, wall_time_s: float) -> dict[str, float]:
 def laplace_metrics(result: dict) -> dict:
     """A layer-wise result's trial-level metrics: the MAP, the posterior with every block Bayesian
     (``bayes/...``, the subset ``all``), the baselines (``temp/...``, ``lla/...``), the subset with the
-    largest test Δ_ECE, λ and the timings."""
+    largest VALIDATION Δ_ECE (selected on validation, never on test), λ, the timings, how the prior was
+    anchored and the regime, and the robustness of the answer (flags as 0 / 1)."""
     every = {
         key.replace("subset/", "bayes/", 1): v
         for key, v in result["subsets"]["all"]["metrics"].items()
@@ -100,8 +148,10 @@ def laplace_metrics(result: dict) -> dict:
     }
     baselines = {k: v for row in result.get("baselines", {}).values() for k, v in row["metrics"].items()}
     fitted = {k: v for k, v in result.get("protocol", {}).items() if v is not None}
-    delta = names.delta("subset", "test", "ece")
-    best = max(result["subsets"], key=lambda name: result["subsets"][name]["metrics"][delta])
+    map_val = result["map"]["metrics"][names.score("map", "val", "ece")]
+    val = names.score("subset", "val", "ece")
+    best = max(result["subsets"], key=lambda name: map_val - result["subsets"][name]["metrics"][val])
+    robust = {k: float(v) if isinstance(v, bool) else v for k, v in result.get("robustness", {}).items()}
     return {
         **result["map"]["metrics"],
         **every,
@@ -109,6 +159,8 @@ def laplace_metrics(result: dict) -> dict:
         **fitted,
         names.BEST_SUBSET: best,
         **{key: result[key] for key in (names.PRIOR_PRECISION, names.FIT_TIME, names.EVAL_TIME)},
+        **{key: result[key] for key in (names.PRIOR_ANCHOR, names.REGIME) if key in result},
+        **robust,
     }
 
 
@@ -130,7 +182,7 @@ def write_trial(ft: FineTuned, trial_record: dict, out: Path) -> None:
     (out / names.CONFIG_FILE).write_text(to_yaml(ft.cfg))
     (out / names.TRIAL_FILE).write_text(json.dumps(trial_record, indent=2))
     if ft.train.status == "ok":
-        ft.peft_model.save_pretrained(out / "adapter")
+        save_adapter(ft, out / ADAPTER_DIR)
 
 
 def check_subsets(ft: FineTuned) -> None:
@@ -142,6 +194,7 @@ def run_trial(cfg: TrialConfig, *, with_layerwise: bool = False, log=print) -> d
     """Fine-tune and evaluate one config (and the layer-wise study); write the files if ``output_dir``."""
     start = time.perf_counter()
     ft = prepare(cfg, log=log)
+    log(f"[distlap] {regime_note(cfg.train)}")
     if with_layerwise:
         check_subsets(ft)
     ft = train(ft, log=log)
@@ -150,7 +203,7 @@ def run_trial(cfg: TrialConfig, *, with_layerwise: bool = False, log=print) -> d
         metrics.update(map_metrics(ft))
         if with_layerwise:
             study = layerwise(ft, log=log)
-            result = protocol.evaluate(ft, study, log=log)
+            result = evaluate(ft, study, log=log)
             metrics.update(laplace_metrics(result))
             if cfg.output_dir:
                 write_results(result, Path(cfg.output_dir))

@@ -62,6 +62,7 @@ def fine_tuned(fake_fmnist_dir, tiny_vit_dir, tmp_path_factory):
             *tiny_trial(fake_fmnist_dir, tiny_vit_dir),
             "train.num_threads=1",
             "train.prior_precision=50",
+            "train.regime=mode",
             "laplace.fit_examples=64",
             "laplace.n_samples=4",
             "laplace.n_bootstrap=200",

@@ -17,7 +17,7 @@ def trial_cfg(fake_fmnist_dir, tiny_vit_dir, tmp_path, *extra):
     return load_config(
         overrides=[
             *tiny_trial(fake_fmnist_dir, tiny_vit_dir),
-            "train.converge=false",  # the epochs only; test_the_map_is_stationary converges
+            "train.regime=posthoc",  # the epochs only; test_the_map_is_stationary converges
             f"output_dir={tmp_path / 'out'}",
             *extra,
         ]
@@ -168,7 +168,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_embedded_default_on_real_fashion_mnist():
     """The shipped tiny backbone, real Fashion-MNIST classes 5-9, LoRA: well above chance (0.2)."""
     cfg = load_config(
-        overrides=["data.max_train=4000", "data.max_test=1000", "train.epochs=2", "train.converge=false"]
+        overrides=["data.max_train=4000", "data.max_test=1000", "train.epochs=2", "train.regime=posthoc"]
     )
     result = run_trial(cfg, log=lambda m: None)
     assert result["status"] == "ok"
@@ -176,10 +176,10 @@ def test_embedded_default_on_real_fashion_mnist():
 
 
 def test_the_map_is_stationary(fake_fmnist_dir, tiny_vit_dir, tmp_path):
-    """With ``train.converge`` the trial's θ* is a mode of the stated posterior: L-BFGS stops at the
+    """With ``train.regime=mode`` the trial's θ* is a mode of the stated posterior: L-BFGS stops at the
     stationarity target, and the trial records how far it went."""
     cfg = trial_cfg(
-        fake_fmnist_dir, tiny_vit_dir, tmp_path, "train.converge=true", "train.prior_precision=1000"
+        fake_fmnist_dir, tiny_vit_dir, tmp_path, "train.regime=mode", "train.prior_precision=1000"
     )
     m = run_trial(cfg, log=lambda m: None)["metrics"]
     assert m[names.STATIONARITY] <= cfg.train.stationarity_tol

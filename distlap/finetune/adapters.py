@@ -12,7 +12,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from distlap.config import PeftConfig
@@ -79,27 +78,3 @@ def apply_peft(model: nn.Module, cfg: PeftConfig):
 def tuned_params(peft_model) -> TunedParams:
     trainable, total = peft_model.get_nb_trainable_parameters()
     return TunedParams(int(trainable), int(total))
-
-
-# where a tuned copy's pretrained original lives: peft's modules_to_save and LN-tuning wrappers
-_ORIGINALS = {"modules_to_save.default.": "original_module.", "ln_tuning_layers.default.": "base_layer."}
-
-
-def prior_mean(model: nn.Module) -> dict[str, torch.Tensor]:
-    """θ₀, what the Gaussian prior on each tuned parameter is centred on (detached copies).
-
-    Zero for the LoRA factors (the adapter starts as no change, Hu et al. 2021) and for the freshly
-    initialised head; the pretrained value for every other tuned tensor (LayerNorm weights and biases),
-    read from the frozen original that peft keeps beside a tuned copy.
-    """
-    named = dict(model.named_parameters())
-    means = {}
-    for name, p in named.items():
-        if not p.requires_grad:
-            continue
-        if "lora_" in name or f".{HEAD}." in f".{name}":
-            means[name] = torch.zeros_like(p).detach()
-            continue
-        original = next((name.replace(a, b) for a, b in _ORIGINALS.items() if a in name), name)
-        means[name] = named[original].detach().clone()
-    return means

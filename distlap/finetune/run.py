@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Subset
 
 from distlap import names
 from distlap.config import TrainConfig, TrialConfig
-from distlap.finetune.adapters import TunedParams, apply_peft, prior_mean, tuned_params
+from distlap.finetune.adapters import TunedParams, apply_peft, tuned_params
+from distlap.finetune.anchor import load_prior_mean, prior_mean, save_prior_mean
 from distlap.finetune.backbones import load_backbone
 from distlap.finetune.data import ImageTransform, Splits, load_splits, make_loader
 from distlap.finetune.train import GaussianPrior, LogitsModel, TrainResult, fit_map
@@ -86,17 +87,20 @@ def _prepared(cfg: TrialConfig, log) -> tuple[Splits, nn.Module, ImageTransform,
 
 def prepare(cfg: TrialConfig, *, adapter: Path | None = None, log=print) -> FineTuned:
     """The trial before training: data, backbone, the PEFT method (fresh, or the saved ``adapter``
-    loaded on top, trainable) and the Gaussian prior its training and its Laplace fit share."""
+    loaded on top, trainable) and the Gaussian prior its training and its Laplace fit share: θ₀ read
+    from the fresh adapter, or the θ₀ saved beside ``adapter`` (:mod:`distlap.finetune.anchor`)."""
     from peft import PeftModel
 
     splits, backbone, transform, device = _prepared(cfg, log)
     if adapter is None:
-        peft_model = apply_peft(backbone, cfg.peft)
+        model = LogitsModel(apply_peft(backbone, cfg.peft))
+        means = prior_mean(model, cfg.train.prior_anchor)
     else:
-        peft_model = PeftModel.from_pretrained(backbone, adapter, is_trainable=True)
-    model = LogitsModel(peft_model).to(device)
-    tuned = tuned_params(peft_model)
-    prior = GaussianPrior(cfg.train.prior_precision, prior_mean(model), n_train=len(splits.train))
+        model = LogitsModel(PeftModel.from_pretrained(backbone, adapter, is_trainable=True))
+        means = load_prior_mean(adapter, model)
+    model = model.to(device)
+    tuned = tuned_params(model.model)
+    prior = GaussianPrior(cfg.train.prior_precision, means, n_train=len(splits.train))
     return FineTuned(cfg, model, transform, splits, TrainResult(status="ok"), tuned, device, prior)
 
 
@@ -131,11 +135,11 @@ def train(ft: FineTuned, *, log=print, on_epoch=None, resume: dict | None = None
 
 
 def _log_stationarity(result: TrainResult, cfg: TrainConfig, log) -> None:
-    how = f"L-BFGS: {result.lbfgs_steps} steps to" if cfg.converge else "no L-BFGS (converge=false):"
-    log(
-        f"[distlap] {how} stationarity {result.stationarity:.2e} "
-        f"(||grad log joint|| / ||grad NLL||; target {cfg.stationarity_tol:g})"
-    )
+    ratio = f"stationarity {result.stationarity:.2e} (||grad log joint|| / ||grad NLL||"
+    if cfg.regime == "posthoc":  # what posthoc assumes is said once per run, not once per trial
+        log(f"[distlap] posthoc: theta-hat after {cfg.epochs} epochs, {ratio}; a mode has 0)")
+        return
+    log(f"[distlap] L-BFGS: {result.lbfgs_steps} steps to {ratio}; target {cfg.stationarity_tol:g})")
     if result.stationarity > cfg.stationarity_tol:
         log("[distlap] WARNING: theta* is not a mode of the posterior; Laplace assumes one")
 
@@ -159,9 +163,16 @@ def _epoch_line(row: dict, epochs: int) -> str:
     )
 
 
+def save_adapter(ft: FineTuned, folder: Path) -> None:
+    """The peft adapter (with the trained head, a ``modules_to_save``) and its prior mean θ₀ beside it:
+    ``PeftModel.from_pretrained(backbone, folder)`` loads the first, :func:`prepare` both."""
+    ft.peft_model.save_pretrained(folder)
+    save_prior_mean(ft.prior.means, folder)
+
+
 def save_fine_tuned(ft: FineTuned, path: Path) -> None:
-    """The peft adapter (with the trained head, a ``modules_to_save``) and the training record."""
-    ft.peft_model.save_pretrained(path / ADAPTER_DIR)
+    """The adapter with θ₀ (:func:`save_adapter`) and the training record."""
+    save_adapter(ft, path / ADAPTER_DIR)
     (path / HISTORY_FILE).write_text(json.dumps(dataclasses.asdict(ft.train)))
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.optimize import minimize
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
@@ -131,9 +132,9 @@ def fit_map(
         result.history.append(row)
         if on_epoch is not None:
             on_epoch(row, _state(optimiser, schedule, train_loader, result.history))
-    if prior is not None and cfg.converge:
+    if prior is not None and cfg.regime == "mode":
         result.lbfgs_steps, result.stationarity = converge(model, train_loader, prior, cfg, device, log)
-    elif prior is not None:  # no L-BFGS, but how far θ* is from a mode is always recorded
+    elif prior is not None:  # posthoc: no L-BFGS, but how far θ̂ is from a mode is always recorded
         result.stationarity = stationarity(model, train_loader, prior, device)
     return result
 
@@ -239,14 +240,37 @@ def stationarity(model: nn.Module, loader: DataLoader, prior: GaussianPrior, dev
 LBFGS_EVERY = 50  # L-BFGS steps between progress lines
 
 
-def converge(model: nn.Module, loader: DataLoader, prior: GaussianPrior, cfg: TrainConfig, device, log=None):
-    """Full-batch L-BFGS (scipy's L-BFGS-B, Byrd et al. 1995: its Moré-Thuente line search is robust to
-    the fp32 noise that stalls torch's) on L, until ``stationarity ≤ train.stationarity_tol`` or
-    ``train.max_lbfgs_steps`` iterations; returns (iterations, stationarity reached)."""
-    from scipy.optimize import minimize
+def regime_note(cfg: TrainConfig) -> str:
+    """What the training regime assumes, in one line (said once per run, not once per trial)."""
+    if cfg.regime == "mode":
+        return (
+            f"regime mode: L-BFGS after the epochs until ||grad log joint|| <= {cfg.stationarity_tol:g} "
+            f"||grad NLL|| (at most {cfg.max_lbfgs_steps} steps); a trial that stops short says so"
+        )
+    return (
+        "regime posthoc (Laplace-LoRA's convention): the Laplace fit at the fine-tuned theta-hat, which is "
+        "not a mode at weak priors; each trial records its stationarity and recomputes the layer-wise "
+        f"answer after {cfg.refine_steps} more L-BFGS steps toward the mode (robustness/...)"
+    )
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    last: dict = {}
+
+def converge(
+    model: nn.Module,
+    loader: DataLoader,
+    prior: GaussianPrior,
+    cfg: TrainConfig,
+    device,
+    log=None,
+    max_steps: int | None = None,
+    target: float | None = None,
+):
+    """Full-batch L-BFGS (scipy's L-BFGS-B, Byrd et al. 1995: its Moré-Thuente line search is robust to
+    the fp32 noise that stalls torch's) on L, until ``stationarity ≤ target`` (default
+    ``train.stationarity_tol``) or ``max_steps`` iterations (default ``train.max_lbfgs_steps``); returns
+    (iterations, stationarity reached)."""
+    max_steps = cfg.max_lbfgs_steps if max_steps is None else max_steps
+    target = cfg.stationarity_tol if target is None else target
+    params, last = [p for p in model.parameters() if p.requires_grad], {}
 
     def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
         _load_flat(params, x)
@@ -258,25 +282,26 @@ def converge(model: nn.Module, loader: DataLoader, prior: GaussianPrior, cfg: Tr
         if not np.array_equal(last["x"], intermediate_result.x):
             objective(intermediate_result.x)
         last["steps"] = last.get("steps", 0) + 1
-        if log is not None and last["steps"] % LBFGS_EVERY == 0:
-            log(
-                f"[distlap] L-BFGS step {last['steps']}/{cfg.max_lbfgs_steps}: "
-                f"stationarity {last['ratio']:.2e}"
-            )
-        if last["ratio"] <= cfg.stationarity_tol:
+        _progress(log, last["steps"], max_steps, last["ratio"])
+        if last["ratio"] <= target:
             raise StopIteration
 
     x0 = torch.cat([p.detach().reshape(-1) for p in params]).double().cpu().numpy()
     objective(x0)
-    if last["ratio"] <= cfg.stationarity_tol or cfg.max_lbfgs_steps == 0:
+    if last["ratio"] <= target or max_steps == 0:
         return 0, last["ratio"]
-    options = {"maxiter": cfg.max_lbfgs_steps, "maxcor": 20, "ftol": 0.0, "gtol": 0.0}
+    options = {"maxiter": max_steps, "maxcor": 20, "ftol": 0.0, "gtol": 0.0}
     result = minimize(
         objective, x0, jac=True, method="L-BFGS-B", callback=stop_when_stationary, options=options
     )
     if not np.array_equal(last["x"], result.x):
         objective(result.x)
     return int(result.nit), last["ratio"]
+
+
+def _progress(log, step: int, max_steps: int, ratio: float) -> None:
+    if log is not None and step % LBFGS_EVERY == 0:
+        log(f"[distlap] L-BFGS step {step}/{max_steps}: stationarity {ratio:.2e}")
 
 
 def _load_flat(params: list[nn.Parameter], x: np.ndarray) -> None:

@@ -17,7 +17,14 @@ import torch
 from ray import tune
 
 from distlap.config import TrialConfig
-from distlap.finetune.run import ADAPTER_DIR, HISTORY_FILE, FineTuned, prepare, restore_fine_tuned
+from distlap.finetune.run import (
+    ADAPTER_DIR,
+    HISTORY_FILE,
+    FineTuned,
+    prepare,
+    restore_fine_tuned,
+    save_adapter,
+)
 
 TRAIN_STATE = "train_state.pt"  # fit_map's state after the last finished epoch (training unfinished)
 LAPLACE_FIT = "laplace_fit.pt"  # the Laplace fit's state_dict
@@ -55,7 +62,7 @@ def report(ft: FineTuned, metrics: dict, *, train_state: dict | None = None, lap
     """``tune.report`` with a complete checkpoint of ``ft`` (Tune persists it before returning)."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder)
-        ft.peft_model.save_pretrained(path / ADAPTER_DIR)
+        save_adapter(ft, path / ADAPTER_DIR)
         if train_state is not None:
             torch.save(train_state, path / TRAIN_STATE)
         else:

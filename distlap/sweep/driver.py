@@ -23,6 +23,7 @@ from ray import tune
 
 from distlap import names
 from distlap.config import ConfigError, to_yaml
+from distlap.finetune.train import regime_note
 from distlap.names import CONFIG_FILE, RAY_DIR, SUMMARY_FILE
 from distlap.provenance import provenance
 from distlap.sweep import preflight, recovery
@@ -105,6 +106,7 @@ def _prepare(cfg: SweepConfig, resume: bool, stack: contextlib.ExitStack, log) -
         f"[sweep] {cfg.search.num_samples} trials, at most {concurrency} at once, each in "
         f"{cfg.resources.bundles()}; output {cfg.out}"
     )
+    log(f"[sweep] {regime_note(cfg.trial.train)}")
     return concurrency
 
 

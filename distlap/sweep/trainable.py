@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ray import tune
 
-from distlap import names, protocol
+from distlap import names
 from distlap.bayes.layerwise import Scoring, write_results
 from distlap.config import TrialConfig
 from distlap.finetune.run import FineTuned, prepare, train
@@ -24,7 +24,16 @@ from distlap.sweep import checkpoints
 from distlap.sweep.settings import SweepConfig, trial_config
 from distlap.sweep.subset_tasks import ray_nn_evaluator
 from distlap.sweep.tracking import TrialRun, flatten, provenance_tags
-from distlap.trial import check_subsets, costs, laplace_metrics, layerwise, map_metrics, record, write_trial
+from distlap.trial import (
+    check_subsets,
+    costs,
+    evaluate,
+    laplace_metrics,
+    layerwise,
+    map_metrics,
+    record,
+    write_trial,
+)
 
 # Test hook: the first attempt of a trial dies after this epoch (its checkpoint saved), as a preempted
 # worker would; the retry must resume from that checkpoint (tests/sweep/test_checkpoints.py).
@@ -95,7 +104,7 @@ def _laplace_stage(ft: FineTuned, sweep: SweepConfig, only, run: TrialRun, fitte
     evaluator = ray_nn_evaluator(ft, scoring, sweep.resources.task_resources(), log) if tasks else None
     on_fit = lambda state: checkpoints.report(ft, {"stage": "laplace-fit"}, laplace_fit=state)
     study = layerwise(ft, only=only, evaluate_nn=evaluator, fitted=fitted, on_fit=on_fit, log=log)
-    result = protocol.evaluate(ft, study, log=log) if only is None else study.result
+    result = evaluate(ft, study, log=log) if only is None else study.result
     out = Path(cfg.output_dir)
     write_results(result, out)
     run.log_subsets(result, out / "plots")

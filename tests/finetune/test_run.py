@@ -17,7 +17,7 @@ def test_restored_checkpoint_is_the_fine_tuned_model(fake_fmnist_dir, tiny_vit_d
             f"backbone.name={tiny_vit_dir}",
             "data.classes=[5,6,7,8,9]",
             "train.epochs=1",
-            "train.converge=false",
+            "train.regime=posthoc",
             "train.batch_size=32",
             "peft.method=hybrid",
         ]
@@ -48,7 +48,7 @@ def test_fit_loader_is_a_seeded_subset_of_train(fake_fmnist_dir, tiny_vit_dir):
             f"backbone.name={tiny_vit_dir}",
             "data.classes=[5,6,7,8,9]",
             "train.epochs=1",
-            "train.converge=false",
+            "train.regime=posthoc",
         ]
     )
     ft = fine_tune(cfg, log=lambda m: None)

@@ -61,7 +61,7 @@ def test_map_is_stationary_for_the_stated_prior(lam):
     torch.manual_seed(0)
     model, loader = nn.Linear(4, 3), blobs()
     prior = _prior(model, lam, 200)
-    result = fit_map(model, loader, None, TrainConfig(epochs=2, lr=0.05), CPU, prior=prior)
+    result = fit_map(model, loader, None, TrainConfig(epochs=2, lr=0.05, regime="mode"), CPU, prior=prior)
     assert result.status == "ok" and result.stationarity <= 1e-2 and result.lbfgs_steps >= 1
     assert stationarity(model, loader, prior, CPU) == pytest.approx(result.stationarity)
     grads = torch.autograd.grad(_objective(model, loader, prior), list(model.parameters()))
@@ -83,7 +83,7 @@ def test_a_parameter_the_data_ignore_goes_to_its_prior_mean():
     torch.manual_seed(0)
     model = Model()
     means = {"head.weight": torch.zeros(3, 4), "head.bias": torch.zeros(3), "unused": torch.full((5,), 0.5)}
-    cfg = TrainConfig(epochs=1, stationarity_tol=1e-3)
+    cfg = TrainConfig(epochs=1, stationarity_tol=1e-3, regime="mode")
     result = fit_map(model, blobs(), None, cfg, CPU, prior=_prior(model, 50.0, 200, means))
     assert result.stationarity <= 1e-3
     torch.testing.assert_close(model.unused.detach(), torch.full((5,), 0.5), atol=1e-2, rtol=0)  # from 3.0
@@ -94,13 +94,13 @@ def test_adam_alone_stops_far_from_the_mode():
     torch.manual_seed(0)
     model, loader = nn.Linear(4, 3), blobs()
     prior = _prior(model, 100.0, 200)
-    result = fit_map(model, loader, None, TrainConfig(epochs=1, lr=0.01, converge=False), CPU, prior=prior)
+    result = fit_map(model, loader, None, TrainConfig(epochs=1, lr=0.01, regime="posthoc"), CPU, prior=prior)
     assert result.lbfgs_steps == 0 and stationarity(model, loader, prior, CPU) > 0.1
 
 
 def test_resumed_training_gives_the_same_numbers():
     """State after epoch 1 + the parameters then -> epochs 2-3 exactly as an uninterrupted run."""
-    cfg = TrainConfig(epochs=3, lr=0.05, converge=False)
+    cfg = TrainConfig(epochs=3, lr=0.05, regime="posthoc")
     shuffled = lambda: DataLoader(
         blobs().dataset, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)
     )
@@ -164,7 +164,7 @@ def test_lbfgs_reports_progress_while_it_runs(monkeypatch):
     torch.manual_seed(0)
     model, loader = nn.Linear(4, 3), blobs()
     lines: list[str] = []
-    cfg = TrainConfig(epochs=1, stationarity_tol=1e-12, max_lbfgs_steps=20)
+    cfg = TrainConfig(epochs=1, stationarity_tol=1e-12, max_lbfgs_steps=20, regime="mode")
     result = fit_map(model, loader, None, cfg, CPU, prior=_prior(model, 1.0, 200), log=lines.append)
     assert result.lbfgs_steps >= 2 and len(lines) >= 2
     assert [line.split(":")[0] for line in lines[:2]] == [

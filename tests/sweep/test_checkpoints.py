@@ -26,7 +26,7 @@ def _run(tmp_path, fake_fmnist_dir, tiny_vit_dir, fail_at, name):
                 f"trial.backbone.name={tiny_vit_dir}",
                 "trial.data.classes=[5,6,7,8,9]",
                 "trial.train.epochs=3",
-                "trial.train.max_lbfgs_steps=5",
+                "trial.train.refine_steps=5",
                 "trial.laplace.fit_examples=32",
                 "trial.laplace.n_bootstrap=20",
                 "trial.laplace.shapley_bootstrap=0",
@@ -66,12 +66,23 @@ def _run(tmp_path, fake_fmnist_dir, tiny_vit_dir, fail_at, name):
 
 
 def test_a_trial_killed_mid_training_resumes_with_the_same_numbers(tmp_path, fake_fmnist_dir, tiny_vit_dir):
+    """The init anchor makes θ₀ depend on the initialisation: the resumed trial must read θ₀ from its
+    checkpoint, not from the adapter it loads (a trained A), or its prior, MAP and answer would differ."""
+    import json
+
+    from safetensors.torch import load_file
+
     whole = _run(tmp_path, fake_fmnist_dir, tiny_vit_dir, 0, "whole")
     broken = _run(tmp_path, fake_fmnist_dir, tiny_vit_dir, 2, "broken")  # dies after epoch 2, once
     assert whole.error is None and broken.error is None
-    for key in (
-        "map/test/nll",
-        "bayes/test/ece",
-        "subset/test/delta_ece" if False else "bayes/test/delta_ece",
-    ):
+    for key in ("map/test/nll", "bayes/test/ece", "bayes/test/delta_ece", names.ROBUST_AFTER):
         assert broken.metrics[key] == whole.metrics[key], key
+    trials = [next((tmp_path / name / names.TRIALS_DIR).iterdir()) for name in ("whole", "broken")]
+    means = [load_file(str(t / "adapter" / "prior_mean.safetensors")) for t in trials]
+    assert means[0].keys() == means[1].keys()
+    assert all(means[0][k].equal(means[1][k]) for k in means[0])
+    results = [json.loads((t / names.LAYERWISE_FILE).read_text()) for t in trials]
+    delta = names.delta("subset", "test", "ece")
+    assert {s: r["metrics"][delta] for s, r in results[0]["subsets"].items()} == {
+        s: r["metrics"][delta] for s, r in results[1]["subsets"].items()
+    }

@@ -23,7 +23,7 @@ def _trial(fmnist_dir, vit_dir, device: str):
             "train.num_threads=1",
             f"train.device={device}",
             "train.prior_precision=50",
-            "train.converge=false",
+            "train.regime=posthoc",
             "laplace.predictive=nn",
             "laplace.fit_examples=64",
             "laplace.n_samples=4",
