@@ -90,6 +90,40 @@ def delta_ece_sequential(summary: pd.DataFrame, configs: list[str], path: Path) 
     return save(fig, path)
 
 
+def answer_by_setting(summary: pd.DataFrame, path: Path) -> Path:
+    """How the answer moves with λ and the LoRA rank: each configuration's single-block Δ_ECE (mean
+    over its seeds) against depth; colour = λ (log scale), line style = rank."""
+    rows = summary[summary[SUBSET_KIND] == "layer"]
+    lams = rows[names.LAMBDA] if names.LAMBDA in rows else pd.Series(dtype=float)
+    norm = matplotlib.colors.LogNorm(lams.min(), lams.max()) if len(lams.dropna()) > 1 else None
+    ranks = sorted(rows[names.LORA_RANK].dropna().unique()) if names.LORA_RANK in rows else []
+    styles = dict(zip(ranks, ["-", "--", ":", "-."] * 4))
+    fig, ax = plt.subplots()
+    for config, part in rows.groupby(CONFIG, sort=False):
+        part = part.sort_values(FIRST_BLOCK)
+        first = part.iloc[0]
+        color = plt.cm.viridis(norm(first[names.LAMBDA])) if norm is not None else None
+        ax.plot(
+            part[FIRST_BLOCK],
+            part[DELTA],
+            marker="o",
+            color=color,
+            linestyle=styles.get(first.get(names.LORA_RANK), "-"),
+            label=f"{config} ({int(part[N_SEEDS].max())} seeds)",
+        )
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(sorted(rows[FIRST_BLOCK].unique()))
+    if norm is not None:
+        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="prior precision λ")
+    ax.set(
+        xlabel="transformer block (0 = nearest the input)",
+        ylabel=DELTA_LABEL,
+        title="How the answer moves with λ and rank: single-block Δ_ECE per configuration",
+    )
+    ax.legend(fontsize=7, loc="best")
+    return save(fig, path)
+
+
 def ece_comparison(ranked: pd.DataFrame, title: str, path: Path) -> Path:
     """Test ECE of the MAP, of each subset (blocks in depth order, then groups) and of all blocks;
     whiskers: std over seeds."""

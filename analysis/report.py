@@ -99,7 +99,7 @@ def build_report(output_dir: str | Path, *, log_mlflow: bool = True, log=print) 
 
 def write_report(data: SweepData, report_dir: Path, *, log_mlflow: bool = True, log=print) -> Path:
     """Every report file for ``data`` into ``report_dir`` (then to the MLflow parent run); returns it."""
-    from analysis import aggregate, findings, lead, mlflow_io, page
+    from analysis import aggregate, findings, lead, mlflow_io, page, robustness
 
     _clear(report_dir)
     summary = aggregate.summary_table(aggregate.subset_frame(data), data.config_params, data.search.direction)
@@ -108,7 +108,8 @@ def write_report(data: SweepData, report_dir: Path, *, log_mlflow: bool = True, 
     found = findings.findings(data, summary, reference)
     ref_results = [data.results[t] for t in found["reference_config"][names.TRIAL_IDS] if t in data.results]
     lead_rows = lead.lead_table(ref_results)
-    found["verdict"] = lead.verdict(lead_rows, ref_results)
+    found["robustness"] = robustness.robustness_summary(ref_results)
+    found["verdict"] = robustness.robustness_lines(found["robustness"]) + lead.verdict(lead_rows, ref_results)
     images = _figures(data, summary, ranked, found, report_dir)
     run_id = _mlflow_run(data, log) if log_mlflow else None
     found["figures"] = {n: p.name if isinstance(p, Path) else f"not drawn: {p}" for n, p in images.items()}
@@ -186,6 +187,7 @@ def _figures(data: SweepData, summary: pd.DataFrame, ranked: pd.DataFrame, found
         "ece_comparison": figures.ece_comparison(
             ranked, f"Test ECE: MAP vs Laplace on each subset, {title}", out / "ece_comparison.png"
         ),
+        "answer_by_setting": figures.answer_by_setting(summary, out / "answer_by_setting.png"),
     }
     trial = ref[names.TRIAL_IDS][0]  # the reference configuration's first seed
     best_layer = (found["best_single_layer"] or {}).get(SUBSET)
@@ -208,6 +210,8 @@ def _captioned(images: dict, found: dict) -> list[tuple[str, Path | str, str]]:
         "other than λ (at its best λ); band: 95% CI.",
         "ece_comparison": f"Test ECE of the MAP (dashed line) and of Laplace on each subset in {ref}; "
         "whiskers: std over seeds.",
+        "answer_by_setting": "Single-block Δ_ECE (test, mean over seeds) of every configuration the search "
+        "tried: how the answer moves with the prior precision λ (colour) and the LoRA rank (line style).",
         "reliability_map": "Reliability diagram of the MAP (test).",
         "reliability_all": "Reliability diagram with every block Bayesian (test).",
         "reliability_best_layer": "Reliability diagram with only the best single block Bayesian (test).",

@@ -7,7 +7,8 @@ posthoc trial measures what that assumption costs: full-batch L-BFGS from θ̂ f
 steps (:func:`distlap.finetune.train.converge`, stopping early at the mode tolerance), the layer-wise study
 again at the refined point (same λ, glm, no bootstrap), and a comparison of the two answers:
 
-- Kendall's τ_b between the single blocks' test Δ_ECE at θ̂ and after (1: the same order);
+- Kendall's τ_b between the single blocks' test Δ_ECE at θ̂ and after (1: the same order; differences
+  below :data:`RESOLUTION` are ties, and with every block tied at either point τ is undefined, NaN);
 - whether the top single block and the best of early / mid / late agree, each chosen on validation
   Δ_ECE as the report chooses them;
 - the largest change of any subset's test Δ_ECE, and the stationarity at both points.
@@ -32,6 +33,7 @@ from distlap.finetune.train import converge
 from distlap.runtime import Timer
 
 GROUPS = ("early", "mid", "late")
+RESOLUTION = 1e-3  # Δ_ECE differences below this are ties: far below what a test set of 10^3 resolves
 
 
 def robustness(ft: FineTuned, study: Study, restudy: Callable[[float], Study], log=print) -> dict:
@@ -75,9 +77,9 @@ def compare(first: dict, second: dict) -> dict:
     test = names.delta("subset", "test", "ece")
     rows1, rows2 = first["subsets"], second["subsets"]
     blocks = [n for n in rows1 if len(rows1[n][names.BLOCKS]) == 1 and n.startswith("layer_")]
-    d1 = [rows1[n]["metrics"][test] for n in blocks]
-    d2 = [rows2[n]["metrics"][test] for n in blocks]
-    tau = kendalltau(d1, d2).statistic if len(blocks) > 1 else math.nan
+    d1 = [_tied(rows1[n]["metrics"][test]) for n in blocks]
+    d2 = [_tied(rows2[n]["metrics"][test]) for n in blocks]
+    tau = kendalltau(d1, d2).statistic if len(blocks) > 1 and len(set(d1)) > 1 < len(set(d2)) else math.nan
     groups = [g for g in GROUPS if g in rows1 and g in rows2]
     return {
         names.ROBUST_TAU: float(tau),
@@ -87,11 +89,17 @@ def compare(first: dict, second: dict) -> dict:
     }
 
 
+def _tied(value: float) -> int:
+    """``value`` in units of :data:`RESOLUTION`: equal where the difference is below it."""
+    return round(value / RESOLUTION)
+
+
 def _chosen(result: dict, candidates: list[str]) -> str:
-    """The candidate with the largest validation Δ_ECE (ECE_MAP − ECE_S on validation); the first of ties."""
+    """The candidate with the largest validation Δ_ECE (ECE_MAP − ECE_S on validation, to
+    :data:`RESOLUTION`); the first of ties, so that equal blocks (e.g. all switched off) agree."""
     map_val = result["map"]["metrics"][names.score("map", "val", "ece")]
     val = names.score("subset", "val", "ece")
-    return max(candidates, key=lambda n: map_val - result["subsets"][n]["metrics"][val])
+    return max(candidates, key=lambda n: _tied(map_val - result["subsets"][n]["metrics"][val]))
 
 
 def summary_line(r: dict) -> str:

@@ -1,6 +1,8 @@
 """The answer's robustness to θ̂ not being a mode: the comparison of two layer-wise answers, and the
 refinement that makes the second one (θ̂ restored after)."""
 
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -52,6 +54,16 @@ def test_compare_by_hand():
     out = compare(first, third)
     assert out[names.ROBUST_TAU] == pytest.approx(-1.0)  # the order reversed
     assert out[names.ROBUST_TOP] is False and out[names.ROBUST_GROUP] is False
+
+
+def test_blocks_equal_below_the_resolution_are_ties():
+    """Every block switched off (Δ ~ 1e-5 noise) at both points: no order to compare (τ undefined), and
+    the first of the tied blocks is 'chosen' at both points, so the choice agrees."""
+    noise = [3e-5, -2e-5, 1e-5, 0.0, 4e-5, -1e-5, 2e-5, 1e-5]
+    flat = _result(dict(zip(SUBSETS, noise)), dict.fromkeys(SUBSETS, 0.2))
+    other = _result(dict(zip(SUBSETS, noise[::-1])), {s: 0.2 + 1e-5 * i for i, s in enumerate(SUBSETS)})
+    out = compare(flat, other)
+    assert math.isnan(out[names.ROBUST_TAU]) and out[names.ROBUST_TOP] and out[names.ROBUST_GROUP]
 
 
 def _naive_stationarity(ft) -> float:
