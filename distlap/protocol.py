@@ -24,6 +24,7 @@ from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 from distlap import intervals, metrics, names, ranking
 from distlap.bayes.baselines import (
     LastLayerLaplace,
+    collect_logits,
     fit_last_layer_laplace,
     fit_temperature,
     head_module_name,
@@ -69,11 +70,18 @@ def evaluate(ft: FineTuned, study: Study, log=print) -> dict:
 
 def fit_baselines(ft: FineTuned, study: Study) -> tuple[Baselines, dict]:
     """Temperature scaling (on the MAP's validation logits) and last-layer Laplace (on the curvature's
-    training examples, marglik λ), and their rows, scored like a subset's, with their fitting seconds."""
-    val, test = (study.predictive(ft.loader(s), {}) for s in ("val", "test"))
-    ref = Reference(val.map, test.map, val.labels, test.labels)
+    training examples, marglik λ), and their rows, scored like a subset's, with their fitting seconds.
+
+    One precision: both are fp32 predictives (temperature scaling of fp32 logits; laplace-torch's fp32
+    copy of the model), so their MAP reference — the softmax of the same fp32 logits, no autocast — is
+    the one the glm subsets are compared with (the Jacobian pass's logits), never the bf16-autocast
+    MAP a GPU's ``runtime.predict`` gives (tests/bayes/test_gpu_precision.py)."""
+    (val, val_y), (test, test_y) = (
+        collect_logits(ft.model, ft.loader(s), ft.device) for s in ("val", "test")
+    )
+    ref = Reference(val.softmax(-1), test.softmax(-1), val_y, test_y)
     with Timer() as temp_t:
-        temp = fit_temperature(_logits(val.map), val.labels).temperature
+        temp = fit_temperature(val, val_y).temperature
     la_cfg = ft.cfg.laplace
     fit = ft.loader("train", batch_size=la_cfg.batch_size, max_examples=la_cfg.fit_examples)
     with Timer() as lla_t:
@@ -82,9 +90,7 @@ def fit_baselines(ft: FineTuned, study: Study) -> tuple[Baselines, dict]:
         )
     kw = dict(n_bins=ft.cfg.n_bins, n_bootstrap=la_cfg.n_bootstrap, seed=ft.cfg.seed)
     rows = {
-        "temp": predictive_row(
-            "temp", *(temperature_scale(_logits(p.map), temp) for p in (val, test)), ref, **kw
-        ),
+        "temp": predictive_row("temp", *(temperature_scale(z, temp) for z in (val, test)), ref, **kw),
         "lla": predictive_row(
             "lla", *(last_layer_predict(lla, ft.loader(s))[0] for s in ("val", "test")), ref, **kw
         ),
@@ -94,23 +100,23 @@ def fit_baselines(ft: FineTuned, study: Study) -> tuple[Baselines, dict]:
     return Baselines(temp, lla), rows
 
 
-def _logits(probs: torch.Tensor) -> torch.Tensor:
-    """Logits of probabilities, up to a per-row constant (which softmax ignores)."""
-    return probs.clamp_min(1e-30).log()
-
-
 def probs_on(ft: FineTuned, study: Study, fitted: Baselines, loader: DataLoader) -> dict[str, torch.Tensor]:
     """Every predictive's probabilities on ``loader`` (name -> (N, C)): one pass of the study's
-    predictive for the MAP and the subsets, the temperature on the MAP's logits, last-layer Laplace."""
+    predictive for the MAP and the subsets, the temperature on the MAP's fp32 logits, last-layer Laplace."""
     return _all_probs(study, fitted, loader)[0]
 
 
 def _all_probs(study: Study, fitted: Baselines, loader: DataLoader) -> tuple[dict, dict, torch.Tensor]:
-    """:func:`probs_on`, with the nn subsets' per-set probabilities (K, N, C) and the labels."""
+    """:func:`probs_on`, with the nn subsets' per-set probabilities (K, N, C) and the labels.
+
+    ``map`` is the study's own reference (glm: the fp32 logits of its Jacobian pass; nn: its autocast
+    forward). Temperature scaling divides fp32 logits (no autocast, not the log of rounded
+    probabilities), as when T was fitted; last-layer Laplace runs in laplace-torch's fp32 copy."""
     pred = study.predictive(loader, study.subsets)
     out = {"map": pred.map, **pred.subsets}
     if fitted.temperature is not None:
-        out["temp"] = temperature_scale(_logits(pred.map), fitted.temperature)
+        logits, _ = collect_logits(study.predictive.model, loader, study.predictive.device)
+        out["temp"] = temperature_scale(logits, fitted.temperature)
     if fitted.lla is not None:
         out["lla"] = last_layer_predict(fitted.lla, loader)[0]
     return out, {**out, **(pred.sets or {})}, pred.labels

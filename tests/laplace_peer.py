@@ -49,8 +49,18 @@ def prior_mean_of(model, names):
     return {n: 0.01 * torch.randn(named[n].numel(), generator=g) for n in names}
 
 
-def fit(model, names, structure, backend, prior_mean=None, prior_precision=PRIOR):
-    """A fresh laplace-torch fit over exactly ``names`` (requires_grad restored afterwards)."""
+def fit(
+    model,
+    names,
+    structure,
+    backend,
+    prior_mean=None,
+    prior_precision=PRIOR,
+    temperature=TEMPERATURE,
+    data=None,
+):
+    """A fresh laplace-torch fit over exactly ``names`` on ``data`` (default :func:`loader`), with
+    requires_grad restored afterwards."""
     chosen = set(names)
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
@@ -66,9 +76,9 @@ def fit(model, names, structure, backend, prior_mean=None, prior_precision=PRIOR
             backend=backend_class(backend),
             prior_precision=prior_precision,
             prior_mean=mean,
-            temperature=TEMPERATURE,
+            temperature=temperature,
         )
-        la.fit(loader(), progress_bar=False)
+        la.fit(loader() if data is None else data, progress_bar=False)
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])

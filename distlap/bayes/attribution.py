@@ -6,14 +6,19 @@ transformer blocks is its improvement over the MAP, v(S) = score_MAP − score_S
 is evaluated and the Shapley values (Shapley 1953) are exact — they sum to v(all) − v(∅) — with a
 paired percentile bootstrap interval over test examples: each replicate resamples the examples once,
 scores the MAP and every coalition on them and takes the Shapley values of that replicate's table.
-Past that, permutation-sampled values with standard errors (Castro et al. 2009). The best-k curve is
-the forward greedy selection (and, with the full table, the exact best set of each size).
+Past that, permutation-sampled values with standard errors (Castro et al. 2009).
+
+The best-k curves (the forward greedy selection and, with the full table, the exact best set of each
+size) are CHOSEN ON VALIDATION — the same values v(S) from the validation pass at the same λ — and
+REPORTED ON TEST: each entry's ``value`` is the chosen set's test value and ``val_value`` the validation
+value it was chosen by. Choosing and reporting on the same test data would overstate the best sets
+(the maximum of many noisy values is biased upwards).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -27,32 +32,39 @@ from distlap.intervals import bootstrap_indices, percentile_interval
 VALUES = ("ece", "nll")  # the scores whose improvement is attributed
 
 
+@dataclass(frozen=True)
+class Split:
+    """One split's GLM pass at one λ: MAP logits (N, C), per-block logit variances (N, B, C), labels (N,)."""
+
+    logits: Tensor
+    variances: Tensor
+    labels: Tensor
+
+
 def attribution(
-    logits: Tensor,
-    variances: Tensor,
-    labels: Tensor,
-    *,
-    n_bins: int,
-    n_bootstrap: int,
-    n_permutations: int,
-    seed: int,
+    test: Split, val: Split, *, n_bins: int, n_bootstrap: int, n_permutations: int, seed: int
 ) -> dict:
-    """The JSON-able attribution of one test pass: coalition values, Shapley values (with intervals or
-    standard errors) and the best-k curves, for Δ_ECE and Δ_NLL."""
-    n_blocks = variances.shape[1]
+    """The JSON-able attribution: coalition values and Shapley values (with intervals or standard errors)
+    on ``test``, and the best-k curves chosen on ``val`` and reported on ``test``, for Δ_ECE and Δ_NLL."""
+    n_blocks = test.variances.shape[1]
     if n_blocks > shapley.EXACT_MAX_PLAYERS:
-        return _sampled(logits, variances, labels, n_bins, n_permutations, seed)
+        return _sampled(test, val, n_bins, n_permutations, seed)
     masks = shapley.all_masks(n_blocks)  # (2^L, L): row r is bitmask r
-    table = _coalition_scores(logits, variances, labels, masks, n_bins, n_bootstrap, seed)
+    table = _coalition_scores(test, masks, n_bins, n_bootstrap, seed)
+    chooser = _coalition_scores(val, masks, n_bins, 0, seed)
     out = {"method": "exact", "n_blocks": n_blocks, "coalitions": masks.astype(int).tolist(), "values": {}}
     for name in VALUES:
         values, replicates = table[name]  # (2^L,), (R, 2^L)
-        phi = shapley.exact_shapley(values)
+        on_val = chooser[name][0]  # (2^L,): the values the best sets are chosen by
+        chosen = {
+            "best_sets": shapley.best_sets(on_val),
+            "greedy": shapley.greedy_sets(_lookup(on_val), n_blocks),
+        }
         entry = {
             "coalition_values": values.tolist(),
-            "shapley": phi.tolist(),
-            "best_sets": [asdict(s) for s in shapley.best_sets(values)],
-            "greedy": [asdict(s) for s in shapley.greedy_sets(_lookup(values), n_blocks)],
+            "val_coalition_values": on_val.tolist(),
+            "shapley": shapley.exact_shapley(values).tolist(),
+            **{k: _report(steps, _lookup(values), n_blocks) for k, steps in chosen.items()},
         }
         if replicates is not None:
             phis = torch.as_tensor(np.stack([shapley.exact_shapley(v) for v in replicates]))  # (R, L)
@@ -62,14 +74,20 @@ def attribution(
     return out
 
 
+def _report(steps, test_value, n_blocks: int) -> list[dict]:
+    """Sets chosen on validation as JSON rows: ``size``, ``blocks``, ``value`` (test), ``val_value``."""
+    return [asdict(s) for s in shapley.reported_on(steps, test_value, n_blocks)]
+
+
 def _lookup(values: np.ndarray):
     """A value function over masks that reads the full table (row = bitmask)."""
     return lambda masks: values[shapley.bits(masks)]
 
 
-def _coalition_scores(logits, variances, labels, masks, n_bins, n_bootstrap, seed) -> dict:
+def _coalition_scores(split: Split, masks, n_bins: int, n_bootstrap: int, seed: int) -> dict:
     """{score: (v (2^L,), replicates (R, 2^L) or None)}: the improvement of every coalition over the
     MAP (the empty coalition) on the data and on each bootstrap resample of the examples."""
+    logits, variances, labels = split.logits, split.variances, split.labels
     idx = bootstrap_indices(len(labels), n_bootstrap, seed) if n_bootstrap else None  # (R, N)
     full = {name: [] for name in VALUES}
     reps = {name: [] for name in VALUES}
@@ -99,16 +117,18 @@ def _score_fns(n_bins: int) -> dict:
     }
 
 
-def _sampled(logits, variances, labels, n_bins, n_permutations, seed) -> dict:
-    """Past EXACT_MAX_PLAYERS blocks: permutation Shapley values with standard errors, greedy curve."""
-    n_blocks = variances.shape[1]
+def _sampled(test: Split, val: Split, n_bins: int, n_permutations: int, seed: int) -> dict:
+    """Past EXACT_MAX_PLAYERS blocks: permutation Shapley values with standard errors on test, and the
+    greedy curve chosen on validation, reported on test."""
+    n_blocks = test.variances.shape[1]
     out = {"method": "permutation", "n_blocks": n_blocks, "n_permutations": n_permutations, "values": {}}
     for name in VALUES:
-        value = shapley.glm_values(logits, variances, labels, name, n_bins)
+        value = shapley.glm_values(test.logits, test.variances, test.labels, name, n_bins)
         phi, se = shapley.permutation_shapley(value, n_blocks, n_permutations, seed)
+        on_val = shapley.glm_values(val.logits, val.variances, val.labels, name, n_bins)
         out["values"][name] = {
             "shapley": phi.tolist(),
             "shapley_se": se.tolist(),
-            "greedy": [asdict(s) for s in shapley.greedy_sets(value, n_blocks)],
+            "greedy": _report(shapley.greedy_sets(on_val, n_blocks), value, n_blocks),
         }
     return out

@@ -3,7 +3,9 @@
 For a layer subset S: accuracy, ECE, MCE, NLL, Brier on validation and test (keys ``subset/val/ece``, ...;
 :mod:`distlap.names`), the improvement over the MAP on test for every score (``subset/test/delta_nll``,
 ...), Δ_ECE(S) = ECE_MAP − ECE_S with its paired bootstrap interval (positive = the Bayesian predictive is
-better calibrated) and the test reliability bins. The MAP's row has the same scores under ``map/...``.
+better calibrated) and the test reliability bins. A subset's row also has its improvement over the MAP
+on validation (``subset/val/delta_<score>``): what a choice among subsets is made on (select on
+validation, report on test). The MAP's row has the same scores under ``map/...``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def subset_row(
     row = predictive_row(
         "subset", val_probs, test_probs, ref, n_bins=n_bins, n_bootstrap=n_bootstrap, seed=seed
     )
+    row["metrics"] |= deltas(row["metrics"], ref, n_bins, "subset", split="val")
     return {"blocks": list(blocks), **row}
 
 
@@ -99,13 +102,15 @@ def set_scores(predictive: str, split: str, probs: torch.Tensor, labels: torch.T
 
 
 def deltas(
-    scores: dict[str, float], ref: Reference, n_bins: int, predictive: str = "subset"
+    scores: dict[str, float], ref: Reference, n_bins: int, predictive: str = "subset", *, split: str = "test"
 ) -> dict[str, float]:
-    """``<predictive>/test/delta_<score>``: the improvement over the MAP on test, for every score."""
-    map_scores = split_scores("map", "test", ref.test_probs, ref.test_labels, n_bins)
+    """``<predictive>/<split>/delta_<score>``: the improvement over the MAP on ``split`` (test or val),
+    for every score."""
+    probs, labels = (ref.test_probs, ref.test_labels) if split == "test" else (ref.val_probs, ref.val_labels)
+    map_scores = split_scores("map", split, probs, labels, n_bins)
     return {
-        names.delta(predictive, "test", s): names.improvement(
-            s, scores[names.score(predictive, "test", s)], map_scores[names.score("map", "test", s)]
+        names.delta(predictive, split, s): names.improvement(
+            s, scores[names.score(predictive, split, s)], map_scores[names.score("map", split, s)]
         )
         for s in names.SCORES
     }

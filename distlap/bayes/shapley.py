@@ -113,6 +113,26 @@ def greedy_sets(value: Value, n_players: int) -> list[GreedyStep]:
     return steps
 
 
+@dataclass(frozen=True)
+class Selected:
+    """A set chosen on one split (validation) and reported on another (test)."""
+
+    size: int  # k
+    blocks: tuple[int, ...]  # the chosen set of k blocks, sorted
+    value: float  # v(blocks) on the reporting split (test)
+    val_value: float  # v(blocks) on the split it was chosen on (validation)
+
+
+def reported_on(steps: list[GreedyStep], value: Value, n_players: int) -> list[Selected]:
+    """The sets ``steps`` chose (on validation: their ``value`` is the validation value), each with its
+    value under ``value`` (the test value function): selection and report on separate data."""
+    masks = np.zeros((len(steps), n_players), dtype=bool)
+    for row, step in enumerate(steps):
+        masks[row, list(step.blocks)] = True
+    reported = np.asarray(value(masks), dtype=np.float64) if steps else np.zeros(0)
+    return [Selected(s.size, s.blocks, float(v), s.value) for s, v in zip(steps, reported, strict=True)]
+
+
 def best_sets(values: np.ndarray) -> list[GreedyStep]:
     """The exact best set of each size k = 1..L from the table of all 2^L values (ties: lowest bitmask)."""
     values = np.asarray(values, dtype=np.float64)

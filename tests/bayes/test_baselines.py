@@ -1,10 +1,15 @@
 """distlap.bayes.baselines: temperature scaling on toys with a known answer; last-layer Laplace on peft."""
 
+import copy
 import math
 
+import laplace
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_vit
+from scipy.optimize import brentq
+from scipy.special import logsumexp, softmax
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -49,16 +54,37 @@ def test_temperature_is_one_when_already_calibrated():
     assert fit.nll_after <= fit.nll_before < fit.nll_after + 1e-3
 
 
-def test_temperature_is_the_nll_minimiser():
+def _nll(z: np.ndarray, y: np.ndarray, log_t: np.ndarray) -> np.ndarray:
+    """Mean NLL of softmax(z / T) for each log T (G,), written out in numpy: logsumexp(z_i / T) - z_iy / T."""
+    out = []
+    for chunk in np.array_split(log_t, max(1, len(log_t) // 50)):
+        scaled = z[None] / np.exp(chunk)[:, None, None]  # (g, N, C)
+        out.append((logsumexp(scaled, axis=2) - scaled[:, np.arange(len(y)), y]).mean(1))
+    return np.concatenate(out)
+
+
+def test_temperature_is_the_nll_minimiser_on_a_dense_grid_and_its_stationary_point():
+    """T* against (a) a dense grid over log T, refined around its best point (spacing 1e-5 in log T),
+    and (b) the root of the NLL's derivative in beta = 1/T, mean_i (E_softmax(beta z_i)[z_i] - z_iy),
+    found by SciPy's brentq: the NLL is convex in beta, so that root is its minimum."""
     z, y = _calibrated_logits(n=3000, seed=3)
-    fit = B.fit_temperature(1.7 * z.float(), y)
+    z, y = (1.7 * z).numpy(), y.numpy()
+    fit = B.fit_temperature(torch.as_tensor(z).float(), torch.as_tensor(y))
+    coarse = np.linspace(-np.log(100), np.log(100), 801)
+    best = coarse[np.argmin(_nll(z, y, coarse))]
+    fine = np.linspace(best - 0.015, best + 0.015, 3001)
+    nll = _nll(z, y, fine)
+    assert math.log(fit.temperature) == pytest.approx(fine[np.argmin(nll)], abs=1e-5)
+    assert fit.nll_after == pytest.approx(nll.min(), abs=1e-9)
+    assert fit.nll_before == pytest.approx(_nll(z, y, np.zeros(1))[0], abs=1e-6)
 
-    def nll(t):
-        return nn.functional.cross_entropy(1.7 * z / t, y).item()
+    def slope(beta: float) -> float:
+        p = softmax(beta * z, axis=1)
+        return float(((p * z).sum(1) - z[np.arange(len(y)), y]).mean())
 
-    assert fit.nll_after == pytest.approx(nll(fit.temperature), abs=1e-6)
-    for t in (0.5, 0.9, 0.99, 1.01, 1.1, 2, 4):
-        assert fit.nll_after <= nll(t * fit.temperature) + 1e-12
+    beta = brentq(slope, 1e-3, 1e3, xtol=1e-14, rtol=1e-14)
+    assert fit.temperature == pytest.approx(1 / beta, rel=1e-5)
+    assert fit.temperature == pytest.approx(1.7, rel=0.05)  # the scale the logits were drawn with
 
 
 def test_temperature_flags_a_fit_at_the_bound():
@@ -152,8 +178,56 @@ def test_last_layer_laplace_zero_variance_predictive_is_the_map():
     torch.testing.assert_close(probs, torch.softmax(logits, 1), rtol=0, atol=1e-5)
 
 
-def test_last_layer_laplace_subset_temperature_scales_the_curvature():
+def _their_lla(model, data, *, prior_precision=1.0, optimize=True):
+    """laplace-torch's last-layer Laplace as its documentation has it, on a copy of the model, with no
+    distlap code in between: the trained head copy by name, every parameter left as it was."""
+    la = laplace.Laplace(
+        copy.deepcopy(model),
+        "classification",
+        subset_of_weights="last_layer",
+        hessian_structure="kron",
+        last_layer_name="model.base_model.model.classifier.modules_to_save.default",
+        prior_precision=prior_precision,
+    )
+    la.fit(data, progress_bar=False)
+    if optimize:
+        with pytest.warns(UserWarning, match="link_approx"):
+            la.optimize_prior_precision(pred_type="glm", method="marglik", prior_structure="scalar")
+    return la
+
+
+def _their_probs(la, dl) -> torch.Tensor:
+    return torch.cat([la(x, pred_type="glm", link_approx="probit").detach() for x, _ in dl])
+
+
+def test_last_layer_laplace_is_laplace_torchs_own():
+    """Fit, marglik λ and GLM probit predictive equal laplace-torch's documented recipe on the same model."""
     model = _peft_model()
-    full = B.fit_last_layer_laplace(model, _loader(), optimize_prior=False)
-    half = B.fit_last_layer_laplace(model, _loader(n=24), optimize_prior=False, n_train=48)
-    assert (full.la.temperature, half.la.temperature) == (1.0, 0.5)  # curvature x N / n
+    fit = B.fit_last_layer_laplace(model, _loader(), prior_precision=1.0)
+    theirs = _their_lla(model, _loader())
+    assert fit.prior_precision == pytest.approx(theirs.prior_precision.item(), rel=1e-4)
+    test = _loader(n=20, seed=1, batch_size=8)
+    torch.testing.assert_close(
+        B.last_layer_predict(fit, test)[0], _their_probs(theirs, test), rtol=0, atol=1e-5
+    )
+
+
+def test_last_layer_laplace_on_a_subset_stands_for_the_training_set():
+    """Fitted on n = 24 of N = 48 examples, the curvature counts each of them N / n = 2 times: the same
+    posterior and predictive as laplace-torch's fit on those 24 examples given twice."""
+    model = _peft_model()
+    x, y = _loader(n=24).dataset.tensors
+    half = B.fit_last_layer_laplace(
+        model, DataLoader(TensorDataset(x, y), batch_size=8), optimize_prior=False, n_train=48
+    )
+    twice = DataLoader(TensorDataset(torch.cat([x, x]), torch.cat([y, y])), batch_size=8)
+    theirs = _their_lla(model, twice, optimize=False)
+    torch.testing.assert_close(
+        half.la.posterior_precision.to_matrix(), theirs.posterior_precision.to_matrix(), rtol=1e-4, atol=1e-5
+    )
+    test = _loader(n=20, seed=1, batch_size=8)
+    torch.testing.assert_close(
+        B.last_layer_predict(half, test)[0], _their_probs(theirs, test), rtol=0, atol=1e-5
+    )
+    once = _their_lla(model, DataLoader(TensorDataset(x, y), batch_size=8), optimize=False)
+    assert (_their_probs(once, test) - _their_probs(theirs, test)).abs().max() > 1e-3  # N / n is visible

@@ -48,6 +48,14 @@ def test_subset_row_scores_deltas_and_interval(ref):
     assert m[names.delta("subset", "test", "accuracy")] == pytest.approx(
         metrics.accuracy(test, ref.test_labels) - map_acc
     )
+    for score, f in {
+        "nll": metrics.negative_log_likelihood,
+        "ece": lambda p, y: metrics.expected_calibration_error(p, y, 10),
+    }.items():  # on validation too: what a choice among subsets is made on
+        expected = f(ref.val_probs, ref.val_labels) - f(val, ref.val_labels)
+        assert m[names.delta("subset", "val", score)] == pytest.approx(expected, abs=1e-12)
+    val_acc = metrics.accuracy(val, ref.val_labels) - metrics.accuracy(ref.val_probs, ref.val_labels)
+    assert m[names.delta("subset", "val", "accuracy")] == pytest.approx(val_acc, abs=1e-12)
     ci = intervals.delta_ece_ci(ref.test_probs, test, ref.test_labels, n_bins=10, n_resamples=200, seed=0)
     low, high = names.interval(delta)
     assert (m[low], m[high]) == (ci.low, ci.high)
@@ -61,6 +69,7 @@ def test_the_map_compared_with_itself_changes_nothing(ref):
     row = subset_row((0,), ref.val_probs, ref.test_probs, ref, n_bins=15, n_bootstrap=100, seed=0)
     for s in names.SCORES:
         assert row["metrics"][names.delta("subset", "test", s)] == 0
+        assert row["metrics"][names.delta("subset", "val", s)] == 0
     low, high = names.interval(names.delta("subset", "test"))
     assert row["metrics"][low] == row["metrics"][high] == 0
 

@@ -32,7 +32,7 @@ def _check_rows(result, trial, extra_keys):
     map_ece = result["map"]["metrics"][MAP_TEST["ece"]]
     low, high = names.interval(DELTA)
     allowed = {*names.scores("subset", "val").values(), *SUBSET_TEST.values(), low, high, *extra_keys}
-    allowed |= {names.delta("subset", "test", s) for s in names.SCORES}
+    allowed |= {names.delta("subset", split, s) for s in names.SCORES for split in ("val", "test")}
     for row in result["subsets"].values():
         m = row["metrics"]
         assert m[DELTA] == pytest.approx(map_ece - m[SUBSET_TEST["ece"]], abs=1e-12)
@@ -40,6 +40,11 @@ def _check_rows(result, trial, extra_keys):
             m[SUBSET_TEST["accuracy"]] - result["map"]["metrics"][MAP_TEST["accuracy"]], abs=1e-12
         )
         assert m[low] <= m[DELTA] <= m[high]
+        val_ece = (
+            result["map"]["metrics"][names.score("map", "val", "ece")]
+            - m[names.score("subset", "val", "ece")]
+        )
+        assert m[names.delta("subset", "val", "ece")] == pytest.approx(val_ece, abs=1e-12)
         assert sum(row["reliability"]["count"]) == len(trial.splits.test)
         assert set(m) <= allowed, set(m) - allowed
     assert (result["subsets"]["layer_0"]["blocks"], result["subsets"]["late"]["blocks"]) == ([0], [3])

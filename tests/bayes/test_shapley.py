@@ -19,6 +19,7 @@ from distlap.bayes.shapley import (
     glm_values,
     greedy_sets,
     permutation_shapley,
+    reported_on,
     shapley,
 )
 from distlap.metrics import expected_calibration_error, negative_log_likelihood
@@ -129,6 +130,16 @@ def test_greedy_and_best_sets_against_brute_force():
     w = np.array([0.3, -0.1, 0.7, 0.2, 0.0, 0.5])  # additive: greedy is optimal
     additive = greedy_sets(pairwise_game(w, np.zeros((6, 6))), 6)
     assert [s.blocks for s in additive[:3]] == [(2,), (2, 5), (0, 2, 5)]
+
+
+def test_sets_chosen_on_one_table_are_reported_with_the_other():
+    """best_sets / greedy on a validation table, each set's value read off a test table by hand."""
+    on_val, on_test = random_game(5, seed=6), random_game(5, seed=7)
+    for steps in (best_sets(on_val), greedy_sets(table_game(on_val), 5)):
+        rows = reported_on(steps, table_game(on_test), 5)
+        assert [(r.size, r.blocks, r.val_value) for r in rows] == [(s.size, s.blocks, s.value) for s in steps]
+        assert [r.value for r in rows] == [of_set(on_test)(frozenset(s.blocks)) for s in steps]
+    assert reported_on([], table_game(on_test), 5) == []
 
 
 @pytest.mark.parametrize("metric", ["ece", "nll"])
