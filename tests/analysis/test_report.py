@@ -49,6 +49,7 @@ FILES = [
     "delta_ece_ranked.png",
     "delta_ece_sequential.png",
     "ece_comparison.png",
+    "answer_by_setting.png",
     "reliability_map.png",
     "reliability_all.png",
     "reliability_best_layer.png",
