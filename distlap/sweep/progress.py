@@ -33,6 +33,7 @@ from ray._private import ray_logging
 from ray._private.worker import filter_autoscaler_events
 
 from distlap import names
+from distlap.sweep.kinds import report_command
 from distlap.sweep.settings import SweepConfig
 from distlap.sweep.tracking import experiment_id, view_key
 
@@ -41,7 +42,6 @@ _TRIAL_LINE = re.compile(r"^\[(?P<trial>[0-9A-Za-z_]+)\] (?:\[distlap\] )?(?P<te
 _DROPPED = ("Checkpoint successfully created at",)  # Tune's note on every report with a checkpoint
 _DONE = "stage: done"
 _AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
-REPORTS = {"layerwise": "analysis/report.py", "peft_methods": "analysis/peft_methods.py"}
 MLFLOW_PORT, DASHBOARD_PORT = 5000, 8080  # the defaults of `mlflow ui` and `optuna-dashboard`
 
 
@@ -57,31 +57,6 @@ def quiet_start(address: str | None) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for name in ("mlflow.store.db.utils", "alembic", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def key_metrics(cfg: SweepConfig) -> list[str]:
-    """The metrics a person compares first (the MLflow runs table's columns, the progress view)."""
-    objective = [cfg.search.metric]
-    if cfg.kind == "layerwise":
-        subset = names.delta("subset", "test", "ece")
-        return [
-            *objective,
-            names.score("map", "test", "accuracy"),
-            names.score("map", "test", "ece"),
-            names.delta("bayes", "test", "ece"),
-            names.score("subset", "test", "accuracy"),
-            subset,
-            *names.interval(subset),
-        ]
-    laplace = [names.delta("bayes", "test", "ece")] if cfg.laplace else []
-    return [
-        *objective,
-        names.score("map", "test", "accuracy"),
-        names.score("map", "test", "ece"),
-        *laplace,
-        names.TUNED_PARAMS_PCT,
-        names.TIME_PER_EPOCH,
-    ]
 
 
 def _clock(seconds: float) -> str:
@@ -316,12 +291,6 @@ def _duration(trial) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def _picklable(fn) -> bool:
-    return getattr(fn, "__name__", "<lambda>") != "<lambda>" and "<locals>" not in getattr(
-        fn, "__qualname__", ""
-    )
-
-
 # --- the closing lines -----------------------------------------------------------------------------
 
 
@@ -370,7 +339,7 @@ def closing_lines(cfg: SweepConfig, experiment_id: str | None) -> list[str]:
         f"[sweep] Optuna:  optuna-dashboard {storage}",
         f"           then open http://127.0.0.1:{DASHBOARD_PORT}/ (study {study!r})",
         f"[sweep]          optuna trials --storage {storage} --study-name {shlex.quote(study)}",
-        f"[sweep] report:  python {REPORTS[cfg.kind]} {shlex.quote(str(cfg.out))}",
+        f"[sweep] report:  {report_command(cfg)}",
     ]
     return lines
 
