@@ -124,3 +124,17 @@ def test_analysis_spells_no_key_itself(path):
 
     spelled = [f"{line}: {value!r}" for line, value in _strings(path) if is_key(value)]
     assert not spelled, f"use distlap.names instead of: {spelled}"
+
+
+def test_sqlite_urls_are_built_and_parsed_in_one_place():
+    """``sqlite:///`` URLs are made by ``settings.sqlite_url`` and read by ``settings.sqlite_path``; a
+    second parser drifts (a relative path, a moved folder) without anyone noticing."""
+    home = ROOT / "distlap" / "sweep" / "settings.py"
+    found = [
+        f"{path.relative_to(ROOT)}:{line} {value!r}"
+        for path in LIBRARY
+        if path != home
+        for line, value in _strings(path)
+        if value.startswith("sqlite:///")
+    ]
+    assert not found, f"use distlap.sweep.settings.sqlite_url / sqlite_path instead: {found}"

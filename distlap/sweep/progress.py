@@ -34,7 +34,7 @@ from ray._private.worker import filter_autoscaler_events
 
 from distlap import names
 from distlap.sweep.kinds import report_command
-from distlap.sweep.settings import SweepConfig
+from distlap.sweep.settings import SweepConfig, sqlite_path
 from distlap.sweep.tracking import experiment_id, view_key
 
 _RAY_PRINTER = "ray_print_logs"  # the name Ray registers its log printer under (ray._private.worker)
@@ -314,8 +314,9 @@ def _outputs(cfg: SweepConfig) -> list[tuple[str, str]]:
         (names.CONFIG_FILE, "the sweep's config (what --resume reads)"),
     ]
     for uri, what in ((cfg.tracking.uri, "MLflow runs"), (cfg.search.storage, "the Optuna study")):
-        if uri and uri.startswith("sqlite:///"):
-            items.append((uri.removeprefix("sqlite:///").rsplit("/", 1)[-1], what))
+        path = sqlite_path(uri) if uri else None
+        if path is not None:
+            items.append((path.name, what))
     return [(name, what) for name, what in items if (cfg.out / name.rstrip("/")).exists()]
 
 
