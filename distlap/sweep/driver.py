@@ -25,7 +25,7 @@ from distlap.config import ConfigError, to_yaml
 from distlap.finetune.train import regime_note
 from distlap.names import CONFIG_FILE, RAY_DIR, SUMMARY_FILE
 from distlap.provenance import provenance
-from distlap.sweep import kinds, preflight, recovery
+from distlap.sweep import kinds, preflight, ray_compat, recovery
 from distlap.sweep.lock import SweepLock, check_owned
 from distlap.sweep.progress import ProgressView, quiet_start
 from distlap.sweep.search import StudySearch
@@ -286,10 +286,8 @@ class _MarkFailedRuns(tune.Callback):
         self.cfg, self.tracker = cfg, tracker
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        error = trial.get_pickled_error() or trial.get_error()
-        message = str(error).strip().splitlines()[-1] if error else "unknown error"
         try:
-            self.tracker.mark_failed(trial.config[names.RUN_ID], message)
+            self.tracker.mark_failed(trial.config[names.RUN_ID], ray_compat.failure_message(trial))
         except Exception as err:
             if not recovery.on_fault(self.cfg, err):
                 raise
