@@ -100,8 +100,8 @@ def trial_error(trial: Trial) -> BaseException | None:
 
 
 def failure_message(trial: Trial) -> str:
-    """Why ``trial`` failed, in one line: the last line of its error (for an error raised in a Ray
-    task, the original exception's ``Class: message``)."""
-    error = trial.get_pickled_error() or trial.get_error()
+    """Why ``trial`` failed, in one line: the last line of its error (:func:`trial_error`; for an error
+    raised in a Ray task, the original exception's ``Class: message``)."""
+    error = trial_error(trial)
     lines = str(error).strip().splitlines() if error else []
     return lines[-1] if lines else "unknown error"

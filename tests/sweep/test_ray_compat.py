@@ -193,6 +193,18 @@ def test_the_failure_message_is_the_errors_last_line():
     assert ray_compat.failure_message(_failed(RuntimeError(""))) == "unknown error"
 
 
+def test_the_failure_message_is_there_when_tune_calls_back(tmp_path):
+    """When Tune's on_trial_error callbacks run, the error pickle is in the trial's local folder and not
+    yet in the sweep's storage: the message is read from the local one."""
+    import cloudpickle
+
+    from distlap.sweep import ray_compat
+
+    local = tmp_path / "error.pkl"
+    local.write_bytes(cloudpickle.dumps(RuntimeError("Traceback ...\nTrialFailed: non-finite training loss")))
+    assert ray_compat.failure_message(_failed(None, str(local))) == "TrialFailed: non-finite training loss"
+
+
 def test_the_error_is_read_where_tune_just_wrote_it(tmp_path):
     import cloudpickle
 
