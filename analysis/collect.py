@@ -21,7 +21,7 @@ import pandas as pd
 from distlap import names
 from distlap.config import ConfigError
 from distlap.names import CONFIG_FILE, LAYERWISE_FILE, SEED, TRIAL_FILE, TRIALS_DIR
-from distlap.sweep.settings import SweepConfig, load_sweep_config
+from distlap.sweep.settings import SweepConfig, load_sweep_config, sqlite_path, sqlite_url
 from distlap.sweep.space import SearchConfig
 from distlap.sweep.study import load_study, summarize
 
@@ -142,18 +142,17 @@ def _sweep_config(out: Path) -> SweepConfig:
 
 def _local_sqlite(url: str | None, out: Path) -> str | None:
     """A SQLite URL whose file is gone but whose namesake sits in ``out``: the folder was moved."""
-    if url and url.startswith("sqlite:///"):
-        file = Path(url.removeprefix("sqlite:///"))
-        if not file.is_file() and (out / file.name).is_file():
-            return f"sqlite:///{out / file.name}"
+    file = sqlite_path(url) if url else None
+    if file is not None and not file.is_file() and (out / file.name).is_file():
+        return sqlite_url(out / file.name)
     return url
 
 
 def open_study(search: SearchConfig) -> optuna.Study:
     """The sweep's Optuna study, never creating an empty SQLite file for a missing one."""
     storage = search.storage or ""
-    file = Path(storage.removeprefix("sqlite:///"))
-    if storage.startswith("sqlite:///") and not file.is_file():
+    file = sqlite_path(storage)
+    if file is not None and not file.is_file():
         raise ReportError(f"the sweep's Optuna study is missing: no file {file}")
     try:
         return load_study(search)

@@ -27,6 +27,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from analysis.collect import ReportError, SweepData, check_has_results, open_study, read_json, trial_frame
 from distlap import names
 from distlap.names import ERROR, KIND_TAG, LAYERWISE_FILE, RUN_ID, SEED, SWEEP_TAG, TRIAL_ID, TRIAL_TAG
+from distlap.sweep.settings import sqlite_path
 from distlap.sweep.space import SearchConfig, SearchParam
 from distlap.sweep.tracking import retry_locked
 
@@ -46,7 +47,8 @@ def parse_value(text: str | None):
 
 
 def _client(uri: str) -> MlflowClient:
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
         raise ReportError(f"no MLflow database at {uri}")  # MLflow would create an empty one
     return MlflowClient(tracking_uri=uri)
 

@@ -1,4 +1,6 @@
-"""Accuracy and calibration metrics on predictive probabilities, and a paired bootstrap for differences.
+"""Accuracy, calibration and OOD-detection metrics on predictive probabilities, and their values on
+bootstrap resamples (:func:`replicate_values`; the intervals built from them are in
+:mod:`distlap.intervals`).
 
 Public functions take ``probs``, a float tensor (N, C) of predictive probabilities (rows sum to 1),
 and ``labels``, an integer tensor (N,), and return Python floats.

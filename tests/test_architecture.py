@@ -124,3 +124,34 @@ def test_analysis_spells_no_key_itself(path):
 
     spelled = [f"{line}: {value!r}" for line, value in _strings(path) if is_key(value)]
     assert not spelled, f"use distlap.names instead of: {spelled}"
+
+
+def test_sqlite_urls_are_built_and_parsed_in_one_place():
+    """``sqlite:///`` URLs are made by ``settings.sqlite_url`` and read by ``settings.sqlite_path``; a
+    second parser drifts (a relative path, a moved folder) without anyone noticing."""
+    home = ROOT / "distlap" / "sweep" / "settings.py"
+    found = [
+        f"{path.relative_to(ROOT)}:{line} {value!r}"
+        for path in LIBRARY
+        if path != home
+        for line, value in _strings(path)
+        if value.startswith("sqlite:///")
+    ]
+    assert not found, f"use distlap.sweep.settings.sqlite_url / sqlite_path instead: {found}"
+
+
+def test_ray_internals_are_reached_only_through_ray_compat():
+    """``ray._private`` and Tune's ``Trial.should_recover`` are no public API: one module holds them,
+    and tests/sweep/test_ray_compat.py checks them against the installed Ray."""
+    home = ROOT / "distlap" / "sweep" / "ray_compat.py"
+    found = []
+    for path in LIBRARY:
+        if path == home:
+            continue
+        for node in ast.walk(_tree(path)):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            modules += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            private = [m for m in modules if m == "ray._private" or m.startswith("ray._private.")]
+            if private or (isinstance(node, ast.Attribute) and node.attr == "should_recover"):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {private or 'should_recover'}")
+    assert not found, f"go through distlap.sweep.ray_compat: {found}"

@@ -13,7 +13,7 @@ and the probit link (MacKay 1992) gives p_S(y | x) = softmax(mu / sqrt(1 + pi/8 
 
 Per-example Jacobian rows come from module hooks: for each class c one backward pass of sum_n f_nc gives
 the gradient at every hooked module output, and a layer's per-example parameter gradient is a sum over
-its tokens (``distlap.curvature.PER_EXAMPLE``): C backward passes per batch, memory bounded by the batch
+its tokens (``distlap.bayes.curvature.PER_EXAMPLE``): C backward passes per batch, memory bounded by the batch
 (never N x C x P, never a Jacobian of a whole chunk).
 """
 

@@ -1,6 +1,6 @@
 """Offline, deterministic distribution-shift and OOD data: corruptions, near-OOD, far-OOD, CIFAR-10-C, SVHN.
 
-Images are uint8 (N, C, H, W) with C in {1, 3}, as in :mod:`distlap.data`; every function returns the
+Images are uint8 (N, C, H, W) with C in {1, 3}, as in :mod:`distlap.finetune.data`; every function returns the
 same layout, so the task's ``ImageTransform`` and ``make_loader`` serve them unchanged.
 
 Corruptions follow Hendrycks & Dietterich (2019, "Benchmarking Neural Network Robustness to Common

@@ -122,16 +122,23 @@ def fit_map(
         raise ValueError("the model has no trainable parameters; apply a PEFT method first")
     model.to(device)
     optimiser, schedule = _optimiser(params, train_loader, cfg, prior)
+    fit = _Fit(
+        model=model,
+        loader=train_loader,
+        val_loader=val_loader,
+        optimiser=optimiser,
+        schedule=schedule,
+        cfg=cfg,
+        prior=prior,
+        device=device,
+        n_bins=n_bins,
+    )
     result = TrainResult(status="ok", history=list((resume or {}).get("history", [])))
     if resume is not None:
         _load_state(resume, optimiser, schedule, train_loader)
-    for epoch in range(len(result.history) + 1, cfg.epochs + 1):
-        row = _epoch(model, train_loader, val_loader, optimiser, schedule, cfg, prior, device, epoch, n_bins)
-        if isinstance(row, str):
-            return TrainResult("failed", row, result.history)
-        result.history.append(row)
-        if on_epoch is not None:
-            on_epoch(row, _state(optimiser, schedule, train_loader, result.history))
+    failure = _epochs(fit, result.history, on_epoch)
+    if failure is not None:
+        return TrainResult("failed", failure, result.history)
     if prior is not None and cfg.regime == "mode":
         result.lbfgs_steps, result.stationarity = converge(model, train_loader, prior, cfg, device, log)
     elif prior is not None:  # posthoc: no L-BFGS, but how far θ̂ is from a mode is always recorded
@@ -165,44 +172,74 @@ def _load_state(state: dict, optimiser, schedule, loader: DataLoader) -> None:
         loader.generator.set_state(state["shuffle"])
 
 
-def _epoch(model, loader, val_loader, optimiser, schedule, cfg, prior, device, epoch, n_bins) -> dict | str:
+@dataclass(frozen=True)
+class _Fit:
+    """What every epoch of one :func:`fit_map` call works on (the epochs change the model's and the
+    optimiser's state, never which objects these are)."""
+
+    model: nn.Module
+    loader: DataLoader  # the training split, shuffled
+    val_loader: DataLoader | None  # None: no per-epoch validation scores
+    optimiser: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    cfg: TrainConfig
+    prior: GaussianPrior | None  # None: decoupled weight decay, no MAP (pretraining)
+    device: torch.device
+    n_bins: int  # ECE bins of the validation scores
+
+
+def _epochs(fit: _Fit, history: list[dict], on_epoch: Callable[[dict, dict], None] | None) -> str | None:
+    """The epochs after those in ``history`` (appended to it, each passed to ``on_epoch`` with the
+    optimiser state); None, or why an epoch failed."""
+    for epoch in range(len(history) + 1, fit.cfg.epochs + 1):
+        row = _epoch(fit, epoch)
+        if isinstance(row, str):
+            return row
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(row, _state(fit.optimiser, fit.schedule, fit.loader, history))
+    return None
+
+
+def _epoch(fit: _Fit, epoch: int) -> dict | str:
     """One epoch's training steps and validation scores: the history row, or why it failed."""
-    start = time.perf_counter()
+    start, cfg = time.perf_counter(), fit.cfg
     try:
-        train_loss = _train_epoch(model, loader, optimiser, schedule, cfg, prior, device)
+        train_loss = _train_epoch(fit)
     except NonFiniteLoss as err:
         return (
             f"{err} at epoch {epoch}; lower train.lr (now {cfg.lr:g}) or keep "
             f"train.max_grad_norm set (now {cfg.max_grad_norm})"
         )
     row = {"epoch": epoch, names.TRAIN_LOSS: train_loss, names.EPOCH_TIME: time.perf_counter() - start}
-    if val_loader is not None:
-        probs, labels = predict(model, val_loader, device)
-        row.update({names.epoch_score(k): v for k, v in metrics.summarize(probs, labels, n_bins).items()})
+    if fit.val_loader is not None:
+        probs, labels = predict(fit.model, fit.val_loader, fit.device)
+        row.update({names.epoch_score(k): v for k, v in metrics.summarize(probs, labels, fit.n_bins).items()})
     return row
 
 
-def _train_epoch(model, loader, optimiser, schedule, cfg: TrainConfig, prior, device) -> float:
+def _train_epoch(fit: _Fit) -> float:
     """Minibatch steps; returns the mean objective of the epoch's batches (the NLL, plus the prior term)."""
+    model, optimiser, device = fit.model, fit.optimiser, fit.device
     model.train()
     total, count = 0.0, 0
-    for step, (x, y) in enumerate(loader):
+    for step, (x, y) in enumerate(fit.loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device):
             logits = model(x)  # (B, K)
         loss = F.cross_entropy(logits.float(), y)
-        if prior is not None:
-            loss = loss + prior.penalty(model)
+        if fit.prior is not None:
+            loss = loss + fit.prior.penalty(model)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"non-finite training loss ({loss.item()}) at step {step}")
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.max_grad_norm is not None:
+        if fit.cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(
-                [p for g in optimiser.param_groups for p in g["params"]], cfg.max_grad_norm
+                [p for g in optimiser.param_groups for p in g["params"]], fit.cfg.max_grad_norm
             )
         optimiser.step()
-        schedule.step()
+        fit.schedule.step()
         total += loss.item() * len(y)
         count += len(y)
     return total / count

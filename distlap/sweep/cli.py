@@ -18,7 +18,8 @@ from pathlib import Path
 
 from distlap.config import ConfigError
 from distlap.names import CONFIG_FILE, STATUS
-from distlap.sweep.driver import SweepError, load_saved, resume_command, run_sweep
+from distlap.sweep.driver import SweepError, load_saved, run_sweep
+from distlap.sweep.kinds import KINDS, resume_command
 from distlap.sweep.lock import LockError
 from distlap.sweep.progress import print_closing
 from distlap.sweep.settings import SweepConfig, load_sweep_config, resolve
@@ -79,7 +80,7 @@ def _ended(cfg: SweepConfig, summary, report: Callable[[Path], object], start: f
 
 
 def _parser(kind: str, default: Path, smoke: Path, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python sweeps/{kind}.py", description=description)
+    parser = argparse.ArgumentParser(prog=KINDS[kind].command, description=description)
     parser.add_argument("--config", type=Path, help=f"sweep YAML (default: {default.name} beside the script)")
     parser.add_argument("--output", type=Path, help="output folder (default: runs/<name>-<timestamp>)")
     parser.add_argument(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -26,35 +25,17 @@ from distlap.config import ConfigError, to_yaml
 from distlap.finetune.train import regime_note
 from distlap.names import CONFIG_FILE, RAY_DIR, SUMMARY_FILE
 from distlap.provenance import provenance
-from distlap.sweep import preflight, recovery
+from distlap.sweep import kinds, preflight, ray_compat, recovery
 from distlap.sweep.lock import SweepLock, check_owned
-from distlap.sweep.progress import ProgressView, key_metrics, quiet_start
+from distlap.sweep.progress import ProgressView, quiet_start
 from distlap.sweep.search import StudySearch
 from distlap.sweep.settings import SweepConfig, load_sweep_config, max_concurrent
 from distlap.sweep.stores import StoreError, check_stores, client_env, store_fault
-from distlap.sweep.study import summarize, summary_metrics
+from distlap.sweep.study import summarize
 from distlap.sweep.tracking import SweepTracker, flatten, provenance_tags
-from distlap.sweep.trainable import TRAINABLES
 
 # Ray Tune saves the experiment (trials, searcher) at most this often; a killed driver loses less.
 CHECKPOINT_PERIOD_S = "2"
-
-
-def _printed(cfg: SweepConfig) -> list[str]:
-    if cfg.kind == "layerwise":
-        return [
-            names.OBJECTIVE,
-            names.score("bayes", "test", "ece"),
-            names.delta("bayes", "test", "ece"),
-            names.BEST_SUBSET,
-        ]
-    return [
-        names.score("map", "test", "accuracy"),
-        names.score("map", "test", "ece"),
-        *([names.delta("bayes", "test", "ece")] if cfg.laplace else []),
-        names.TUNED_PARAMS_PCT,
-        names.TIME_PER_EPOCH,
-    ]
 
 
 class SweepError(RuntimeError):
@@ -115,7 +96,7 @@ def _sweep(cfg: SweepConfig, resume: bool, concurrency: int, log) -> pd.DataFram
     tracker = None
     try:
         tracker = _open_tracker(cfg)
-        tracker.share_view(list(cfg.search.space), key_metrics(cfg))
+        tracker.share_view(list(cfg.search.space), kinds.key_metrics(cfg))
         # Trials report once after fine-tuning (the checkpoint) without the objective, which only
         # exists after the Laplace stage; Tune would otherwise reject that report.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -173,11 +154,6 @@ def _stop_on_fault(cfg: SweepConfig, tracker: SweepTracker | None, fault: StoreE
         if tracker is not None and fault.store != "MLflow":
             tracker.kill_unfinished()
             tracker.finish(metrics={}, status="KILLED", artifacts=[])
-
-
-def resume_command(cfg: SweepConfig) -> str:
-    """The command that continues this sweep, quoted for a shell."""
-    return f"python sweeps/{cfg.kind}.py --resume --output {shlex.quote(str(cfg.out))}"
 
 
 # Settings a --resume may change: where and how trials run, not what they compute.
@@ -273,7 +249,7 @@ def trial_resources(cfg: SweepConfig) -> tune.PlacementGroupFactory:
 
 def _tuner(cfg: SweepConfig, tracker: SweepTracker, concurrency: int, resume: bool) -> tune.Tuner:
     trainable = tune.with_resources(
-        tune.with_parameters(recovery.replaying(TRAINABLES[cfg.kind]), sweep=cfg), trial_resources(cfg)
+        tune.with_parameters(recovery.replaying(kinds.trainable(cfg)), sweep=cfg), trial_resources(cfg)
     )
     experiment = cfg.out / RAY_DIR / cfg.name
     if resume and tune.Tuner.can_restore(experiment):
@@ -310,10 +286,8 @@ class _MarkFailedRuns(tune.Callback):
         self.cfg, self.tracker = cfg, tracker
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        error = trial.get_pickled_error() or trial.get_error()
-        message = str(error).strip().splitlines()[-1] if error else "unknown error"
         try:
-            self.tracker.mark_failed(trial.config[names.RUN_ID], message)
+            self.tracker.mark_failed(trial.config[names.RUN_ID], ray_compat.failure_message(trial))
         except Exception as err:
             if not recovery.on_fault(self.cfg, err):
                 raise
@@ -332,7 +306,7 @@ def _sweep_metrics(cfg: SweepConfig, summary: pd.DataFrame) -> dict[str, float]:
         metrics.update(
             {
                 names.BEST + k: ok.loc[best, k]
-                for k in (names.OBJECTIVE, *summary_metrics(cfg))
+                for k in (names.OBJECTIVE, *kinds.summary_metrics(cfg))
                 if isinstance(ok.loc[best, k], int | float)
             }
         )
@@ -340,12 +314,12 @@ def _sweep_metrics(cfg: SweepConfig, summary: pd.DataFrame) -> dict[str, float]:
 
 
 def _print_summary(cfg: SweepConfig, summary: pd.DataFrame, done: bool, log) -> None:
-    columns = ["optuna_trial", "status", *cfg.search.space, *_printed(cfg)]
+    columns = ["optuna_trial", "status", *cfg.search.space, *kinds.printed_metrics(cfg)]
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         log(summary[columns].to_string(index=False))
     log(f"[sweep] objective {cfg.search.metric} ({cfg.search.direction}); summary {cfg.out / SUMMARY_FILE}")
     if not done:
         log(
             f"[sweep] interrupted after {len(summary)} of {cfg.search.num_samples} trials started; "
-            f"continue with: {resume_command(cfg)}"
+            f"continue with: {kinds.resume_command(cfg)}"
         )

@@ -29,19 +29,16 @@ from urllib.parse import quote
 
 import optuna
 from ray import tune
-from ray._private import ray_logging
-from ray._private.worker import filter_autoscaler_events
 
 from distlap import names
-from distlap.sweep.settings import SweepConfig
+from distlap.sweep import ray_compat
+from distlap.sweep.kinds import report_command
+from distlap.sweep.settings import SweepConfig, sqlite_path
 from distlap.sweep.tracking import experiment_id, view_key
 
-_RAY_PRINTER = "ray_print_logs"  # the name Ray registers its log printer under (ray._private.worker)
 _TRIAL_LINE = re.compile(r"^\[(?P<trial>[0-9A-Za-z_]+)\] (?:\[distlap\] )?(?P<text>.*)$")
 _DROPPED = ("Checkpoint successfully created at",)  # Tune's note on every report with a checkpoint
 _DONE = "stage: done"
-_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
-REPORTS = {"layerwise": "analysis/report.py", "peft_methods": "analysis/peft_methods.py"}
 MLFLOW_PORT, DASHBOARD_PORT = 5000, 8080  # the defaults of `mlflow ui` and `optuna-dashboard`
 
 
@@ -50,38 +47,13 @@ def quiet_start(address: str | None) -> None:
     if address is None:
         # A new local Ray turns token authentication on and says so in a warning that asks nothing of
         # the user (the token is made and used for them). Authentication stays on; the note goes.
-        logging.getLogger(_AUTH_LOGGER).setLevel(logging.ERROR)
+        logging.getLogger(ray_compat.AUTH_LOGGER).setLevel(logging.ERROR)
     # Tune's output engine: with verbose=0 the legacy one prints nothing; the new one still prints a
     # config box, the results folder and a TensorBoard hint. ProgressView prints the progress instead.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for name in ("mlflow.store.db.utils", "alembic", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def key_metrics(cfg: SweepConfig) -> list[str]:
-    """The metrics a person compares first (the MLflow runs table's columns, the progress view)."""
-    objective = [cfg.search.metric]
-    if cfg.kind == "layerwise":
-        subset = names.delta("subset", "test", "ece")
-        return [
-            *objective,
-            names.score("map", "test", "accuracy"),
-            names.score("map", "test", "ece"),
-            names.delta("bayes", "test", "ece"),
-            names.score("subset", "test", "accuracy"),
-            subset,
-            *names.interval(subset),
-        ]
-    laplace = [names.delta("bayes", "test", "ece")] if cfg.laplace else []
-    return [
-        *objective,
-        names.score("map", "test", "accuracy"),
-        names.score("map", "test", "ece"),
-        *laplace,
-        names.TUNED_PARAMS_PCT,
-        names.TIME_PER_EPOCH,
-    ]
 
 
 def _clock(seconds: float) -> str:
@@ -174,10 +146,8 @@ class ProgressView(tune.Callback):
         self._status(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        error = trial.get_pickled_error() or trial.get_error()
-        message = str(error).strip().splitlines()[-1] if error else "unknown error"
         self._ended[trial.trial_id] = "ERROR"
-        self._say(f"[{trial.trial_id}] FAILED: {message}")
+        self._say(f"[{trial.trial_id}] FAILED: {ray_compat.failure_message(trial)}")
         self._status(trials)
 
     def on_step_end(self, iteration, trials, **info) -> None:
@@ -247,19 +217,11 @@ class ProgressView(tune.Callback):
 
     def _attach(self) -> None:
         """Print the trials' output ourselves, in place of Ray's printer (absent with Ray Client)."""
-        dispatcher = ray_logging.global_worker_stdstream_dispatcher
-        with dispatcher._lock:
-            found = [h for name, h in dispatcher.handlers if name == _RAY_PRINTER]
-        if found:
-            self._previous_printer = found[0]
-            dispatcher.remove_handler(_RAY_PRINTER)
-            dispatcher.add_handler(_RAY_PRINTER, self.worker_lines)
+        self._previous_printer = ray_compat.replace_log_printer(self.worker_lines)
 
     def _detach(self) -> None:
         if self._previous_printer is not None:
-            dispatcher = ray_logging.global_worker_stdstream_dispatcher
-            dispatcher.remove_handler(_RAY_PRINTER)
-            dispatcher.add_handler(_RAY_PRINTER, self._previous_printer)
+            ray_compat.restore_log_printer(self._previous_printer)
             self._previous_printer = None
 
     def worker_lines(self, data: dict) -> None:
@@ -269,7 +231,7 @@ class ProgressView(tune.Callback):
         stream = sys.stderr if data.get("is_err") else sys.stdout
         lines = data.get("lines", [])
         if data.get("pid") == "autoscaler":  # its periodic status report; only its events are news
-            lines = _autoscaler_events(lines)
+            lines = [f"(autoscaler) {line}" for line in ray_compat.autoscaler_events(lines)]
         for line in lines:
             match = _TRIAL_LINE.match(line)
             if match:
@@ -303,23 +265,10 @@ class ProgressView(tune.Callback):
             time.sleep(0.1)
 
 
-def _autoscaler_events(lines: list[str]) -> list[str]:
-    try:
-        return [f"(autoscaler) {line}" for line in filter_autoscaler_events(lines)]
-    except Exception:  # noqa: BLE001 -- Ray's filter asks the cluster which autoscaler runs; no answer: none
-        return []
-
-
 def _duration(trial) -> float | None:
     result = trial.last_result or {}
     value = result.get(names.WALL_TIME, result.get("time_total_s"))
     return float(value) if isinstance(value, int | float) else None
-
-
-def _picklable(fn) -> bool:
-    return getattr(fn, "__name__", "<lambda>") != "<lambda>" and "<locals>" not in getattr(
-        fn, "__qualname__", ""
-    )
 
 
 # --- the closing lines -----------------------------------------------------------------------------
@@ -345,8 +294,9 @@ def _outputs(cfg: SweepConfig) -> list[tuple[str, str]]:
         (names.CONFIG_FILE, "the sweep's config (what --resume reads)"),
     ]
     for uri, what in ((cfg.tracking.uri, "MLflow runs"), (cfg.search.storage, "the Optuna study")):
-        if uri and uri.startswith("sqlite:///"):
-            items.append((uri.removeprefix("sqlite:///").rsplit("/", 1)[-1], what))
+        path = sqlite_path(uri) if uri else None
+        if path is not None:
+            items.append((path.name, what))
     return [(name, what) for name, what in items if (cfg.out / name.rstrip("/")).exists()]
 
 
@@ -370,7 +320,7 @@ def closing_lines(cfg: SweepConfig, experiment_id: str | None) -> list[str]:
         f"[sweep] Optuna:  optuna-dashboard {storage}",
         f"           then open http://127.0.0.1:{DASHBOARD_PORT}/ (study {study!r})",
         f"[sweep]          optuna trials --storage {storage} --study-name {shlex.quote(study)}",
-        f"[sweep] report:  python {REPORTS[cfg.kind]} {shlex.quote(str(cfg.out))}",
+        f"[sweep] report:  {report_command(cfg)}",
     ]
     return lines
 

@@ -1,12 +1,12 @@
 """How a sweep survives failures without fabricating or losing a result.
 
-- :func:`failure_policy`: while the tuner runs, Ray Tune's retry decision (``Trial.should_recover``,
-  Ray 2.60; the one place Tune asks it) follows distlap's rules. A store fault is not the trial's
-  failure: it is not counted, and the sweep stops (the trial continues on ``--resume``). A deterministic
-  failure -- a non-finite loss with this configuration and seed, a bad setting, data set or backbone --
-  is not retried: it would fail the same way. Anything else (a worker lost with its node, an out-of-
-  memory kill) is retried up to ``max_failures`` times, the value of the config being run, so
-  ``--resume max_failures=N`` applies to the restored trials too. Meanwhile Tune's logs drop a store
+- :func:`failure_policy`: while the tuner runs, Ray Tune's retry decision
+  (:func:`~distlap.sweep.ray_compat.retry_decision`) follows distlap's rules. A store fault is not the
+  trial's failure: it is not counted, and the sweep stops (the trial continues on ``--resume``). A
+  deterministic failure -- a non-finite loss with this configuration and seed, a bad setting, data set
+  or backbone -- is not retried: it would fail the same way. Anything else (a worker lost with its
+  node, an out-of-memory kill) is retried up to ``max_failures`` times, the value of the config being
+  run, so ``--resume max_failures=N`` applies to the restored trials too. Meanwhile Tune's logs drop a store
   fault's traceback and Tune's own ``Tuner.restore(...)`` hint (distlap prints one line and ``--resume``).
 - :func:`stop_sweep`: the first store fault ends the sweep the way Ctrl-C does (Ray Tune's own SIGUSR1
   handler: running trials are stopped and saved as unfinished), and the driver prints one message.
@@ -26,20 +26,18 @@ import signal
 from collections.abc import Callable, Iterator
 
 from ray import tune
-from ray.tune.experiment.trial import Trial
 
 from distlap import names
 from distlap.config import ConfigError
 from distlap.finetune.backbones import BackboneError
 from distlap.finetune.data import DataError
+from distlap.sweep import ray_compat
 from distlap.sweep.settings import SweepConfig
 from distlap.sweep.stores import StoreError, store_fault
 from distlap.sweep.tracking import TrialRun
 from distlap.sweep.trainable import TrialFailed
 
 DETERMINISTIC = (TrialFailed, ConfigError, DataError, BackboneError)
-# Where Ray Tune logs a failed trial's traceback, or a failed save of its state.
-_TUNE_LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state", "ray.tune.tune")
 _FAULTS: list[StoreError] = []
 
 
@@ -84,28 +82,26 @@ def is_deterministic(error: BaseException | None) -> bool:
 @contextlib.contextmanager
 def failure_policy(cfg: SweepConfig) -> Iterator[None]:
     """Ray Tune decides retries by distlap's rules (module docstring) inside this block."""
-    original = Trial.should_recover
 
-    def should_recover(trial: Trial) -> bool:
-        error = _last_error(trial)
+    def should_recover(trial) -> bool:
+        error = ray_compat.trial_error(trial)
         fault = store_fault(error, cfg) if error is not None else None
         if fault is not None:
-            trial.run_metadata.num_failures -= 1  # not the trial's failure
+            ray_compat.forgive_failure(trial)  # not the trial's failure
             stop_sweep(fault)
             return True
         if is_deterministic(error):
             return False
-        return trial.run_metadata.num_failures <= cfg.max_failures
+        return ray_compat.failures(trial) <= cfg.max_failures
 
     quiet = _QuietTune(cfg)
-    Trial.should_recover = should_recover
-    for name in _TUNE_LOGGERS:
+    for name in ray_compat.TUNE_LOGGERS:
         logging.getLogger(name).addFilter(quiet)
     try:
-        yield
+        with ray_compat.retry_decision(should_recover):
+            yield
     finally:
-        Trial.should_recover = original
-        for name in _TUNE_LOGGERS:
+        for name in ray_compat.TUNE_LOGGERS:
             logging.getLogger(name).removeFilter(quiet)
 
 
@@ -122,20 +118,6 @@ class _QuietTune(logging.Filter):
             return False
         error = record.exc_info[1] if record.exc_info else None
         return error is None or store_fault(error, self.cfg) is None
-
-
-def _last_error(trial: Trial) -> BaseException | None:
-    """The exception Tune just recorded for ``trial``: its local error pickle (the copy in the sweep's
-    storage is only synced later), else the storage's copy."""
-    import cloudpickle
-
-    try:
-        if trial.pickled_error_file and os.path.isfile(trial.pickled_error_file):
-            with open(trial.pickled_error_file, "rb") as f:
-                return cloudpickle.load(f)
-        return trial.get_pickled_error() or trial.get_error()
-    except Exception:  # noqa: BLE001 - an unreadable error file (e.g. a full disk) is no error class
-        return None
 
 
 def replaying(trainable: Callable) -> Callable:

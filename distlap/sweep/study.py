@@ -13,32 +13,9 @@ import optuna
 import pandas as pd
 
 from distlap import names
+from distlap.sweep.kinds import summary_metrics
 from distlap.sweep.settings import SweepConfig
 from distlap.sweep.space import SearchConfig
-
-_MAP = (names.score("map", "val", "nll"), *(names.score("map", "test", s) for s in ("accuracy", "ece")))
-_BAYES = (
-    names.score("bayes", "val", "nll"),
-    names.score("bayes", "test", "accuracy"),
-    names.score("bayes", "test", "ece"),
-    names.delta("bayes", "test", "ece"),
-)
-_COSTS = (names.TUNED_PARAMS_PCT, names.TIME_PER_EPOCH, names.WALL_TIME)
-
-
-def summary_metrics(cfg: SweepConfig) -> tuple[str, ...]:
-    """The trial metrics of ``summary.csv`` (and the sweep run's ``best/*``) for this kind of sweep."""
-    if cfg.kind == "layerwise":
-        return (*_MAP, *_BAYES, names.BEST_SUBSET, names.PRIOR_PRECISION, *_COSTS)
-    return (
-        *_MAP,
-        names.score("map", "test", "nll"),
-        names.score("map", "test", "brier"),
-        *(_BAYES if cfg.laplace else ()),
-        names.TUNED_PARAMS,
-        *_COSTS,
-    )
-
 
 _STATUS = {
     optuna.trial.TrialState.COMPLETE: "ok",

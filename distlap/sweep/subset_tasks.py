@@ -10,6 +10,7 @@ trial. The numbers equal the serial evaluation's: a subset is a pure function of
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import ray
 import torch
@@ -17,18 +18,31 @@ import torch
 from distlap.bayes.evaluate import Reference
 from distlap.bayes.layerwise import NNEvaluator, Scoring, Subsets, evaluate_nn_subset
 from distlap.bayes.posterior import Posterior
-from distlap.finetune.data import make_loader
+from distlap.finetune.data import ImageTransform, make_loader
 from distlap.finetune.run import FineTuned
 from distlap.runtime import set_threads
 
 
-def _subset_task(
-    model, posterior, blocks, val, test, transform, ref, device, scoring, batch, threads
-) -> dict:
+@dataclass(frozen=True)
+class _Job:
+    """What every subset task of a trial shares besides the model, the posterior and the two data sets
+    (those go through the object store as arguments of their own: Ray resolves only top-level refs)."""
+
+    transform: ImageTransform | None
+    ref: Reference  # the MAP's probabilities the subsets are compared with
+    device: torch.device
+    scoring: Scoring
+    batch_size: int  # of the evaluation loaders
+    threads: int  # torch threads: the CPUs of one child bundle
+
+
+def _subset_task(model, posterior, val, test, job: _Job, blocks) -> dict:
     """Body of one Ray task: rebuild the loaders here and evaluate one subset."""
-    set_threads(threads)
-    loaders = [make_loader(ds, batch, shuffle=False, seed=0, transform=transform) for ds in (val, test)]
-    return evaluate_nn_subset(model, posterior, blocks, *loaders, ref, device, scoring)
+    set_threads(job.threads)
+    loaders = [
+        make_loader(ds, job.batch_size, shuffle=False, seed=0, transform=job.transform) for ds in (val, test)
+    ]
+    return evaluate_nn_subset(model, posterior, blocks, *loaders, job.ref, job.device, job.scoring)
 
 
 def ray_nn_evaluator(ft: FineTuned, scoring: Scoring, task_resources: dict[str, float], log) -> NNEvaluator:
@@ -39,20 +53,15 @@ def ray_nn_evaluator(ft: FineTuned, scoring: Scoring, task_resources: dict[str, 
 
     def evaluate(posterior: Posterior, subsets: Subsets, ref: Reference) -> Iterator[tuple[str, dict]]:
         shared = [ray.put(obj) for obj in (ft.model.cpu(), posterior, ft.splits.val, ft.splits.test)]
-        futures = {
-            task.remote(
-                *shared[:2],
-                blocks,
-                *shared[2:],
-                ft.transform,
-                ref,
-                device,
-                scoring,
-                ft.cfg.laplace.eval_batch_size,
-                int(resources["num_cpus"]),
-            ): name
-            for name, blocks in subsets.items()
-        }
+        job = _Job(
+            transform=ft.transform,
+            ref=ref,
+            device=device,
+            scoring=scoring,
+            batch_size=ft.cfg.laplace.eval_batch_size,
+            threads=int(resources["num_cpus"]),
+        )
+        futures = {task.remote(*shared, job, blocks): name for name, blocks in subsets.items()}
         log(f"[distlap] evaluating {len(futures)} subsets as Ray tasks ({resources})")
         pending = list(futures)
         while pending:

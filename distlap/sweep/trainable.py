@@ -55,9 +55,6 @@ def peft_methods_trial(config: dict, sweep: SweepConfig) -> None:
     _run(config, sweep, layer_subsets=("all",) if sweep.laplace else ())
 
 
-TRAINABLES = {"layerwise": layerwise_trial, "peft_methods": peft_methods_trial}
-
-
 def _run(config: dict, sweep: SweepConfig, layer_subsets: tuple[str, ...] | None) -> None:
     """Fine-tune (or restore), then Laplace over ``layer_subsets`` (None = all of them, () = no
     Laplace), log to MLflow, write ``trial_result.json`` and report the metrics to Tune."""

@@ -12,9 +12,9 @@ def _run(tmp_path, fake_fmnist_dir, tiny_vit_dir, fail_at, name):
     import ray
     from ray import tune
 
+    from distlap.sweep.kinds import trainable
     from distlap.sweep.settings import load_sweep_config, resolve
     from distlap.sweep.tracking import SweepTracker
-    from distlap.sweep.trainable import TRAINABLES
 
     out = tmp_path / name
     cfg = resolve(
@@ -54,7 +54,7 @@ def _run(tmp_path, fake_fmnist_dir, tiny_vit_dir, fail_at, name):
     )
     try:
         tuner = tune.Tuner(
-            tune.with_parameters(TRAINABLES["layerwise"], sweep=cfg),
+            tune.with_parameters(trainable(cfg), sweep=cfg),
             param_space=config,
             run_config=tune.RunConfig(
                 storage_path=str(out / "ray"), name="one", failure_config=tune.FailureConfig(max_failures=1)

@@ -5,9 +5,10 @@ import json
 import optuna
 
 from distlap import names
+from distlap.sweep.kinds import summary_metrics
 from distlap.sweep.search import distribution
 from distlap.sweep.settings import SweepConfig, resolve
-from distlap.sweep.study import load_study, storage, summarize, summary_metrics
+from distlap.sweep.study import load_study, storage, summarize
 
 
 def _sweep(tmp_path) -> SweepConfig:
@@ -65,13 +66,3 @@ def test_an_empty_study_has_the_columns_already(tmp_path):
     optuna.create_study(study_name=cfg.search.study_name, storage=storage(cfg.search.storage))
     summary = summarize(cfg)
     assert summary.empty and names.OBJECTIVE in summary.columns and names.STATUS in summary.columns
-
-
-def test_summary_metrics_follow_the_kind(tmp_path):
-    layerwise = summary_metrics(_sweep(tmp_path))
-    assert names.BEST_SUBSET in layerwise and names.delta("bayes", "test") in layerwise
-    peft = SweepConfig(kind="peft_methods", search={"metric": "map/val/nll"})
-    assert names.BEST_SUBSET not in summary_metrics(peft)
-    assert names.delta("bayes", "test") not in summary_metrics(peft)
-    for key in (*layerwise, *summary_metrics(peft)):
-        names.describe(key)

@@ -17,7 +17,7 @@ def _run_one(kind, tmp_path, fake_fmnist_dir, tiny_vit_dir, *overrides):
     import ray
     from ray import tune
 
-    from distlap.sweep.trainable import TRAINABLES
+    from distlap.sweep.kinds import trainable
 
     metric = "bayes/val/nll" if kind == "layerwise" else "map/val/nll"
     cfg = resolve(
@@ -51,7 +51,7 @@ def _run_one(kind, tmp_path, fake_fmnist_dir, tiny_vit_dir, *overrides):
     try:
         config = {"train.prior_precision": 10.0, "peft.rank": 2, names.RUN_ID: run_id}
         tuner = tune.Tuner(
-            tune.with_parameters(TRAINABLES[kind], sweep=cfg),
+            tune.with_parameters(trainable(cfg), sweep=cfg),
             param_space=config,
             run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name="one"),
         )
