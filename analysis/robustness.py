@@ -28,7 +28,7 @@ def robustness_summary(results: list[dict]) -> dict | None:
     top = [bool(r[names.ROBUST_TOP]) for r in rows]
     group = [bool(r[names.ROBUST_GROUP]) for r in rows if r.get(names.ROBUST_GROUP) is not None]
     out = {
-        "n_seeds": len(rows),
+        names.N_SEEDS: len(rows),
         "n_moved": sum(moved),
         "stationarity_before": [r[names.ROBUST_BEFORE] for r in rows],
         "stationarity_after": [r[names.ROBUST_AFTER] for r in rows],
@@ -53,7 +53,7 @@ def robustness_lines(summary: dict | None) -> list[str]:
     """The verdict's opening sentences (module docstring); none without measurements."""
     if summary is None:
         return []
-    s, n = summary, summary["n_seeds"]
+    s, n = summary, summary[names.N_SEEDS]
     how = (
         f"L-BFGS from θ̂ ({_range(s['steps'], '')} steps) took the stationarity "
         f"‖∇ log joint‖/‖∇ NLL‖ from {_range(s['stationarity_before'])} to {_range(s['stationarity_after'])} "

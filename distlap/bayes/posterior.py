@@ -141,7 +141,8 @@ def fit_laplace(
     The GGN is summed over ``train_loader`` (n examples); when that is a subset of the N = ``n_train``
     examples the MAP was trained on, the likelihood's curvature is scaled by N / n (laplace-torch's
     ``temperature = n / N``) so that it stands for the full training set, as the prior does.
-    ``prior_mean``: θ₀ by parameter name (the MAP's own prior, :class:`GaussianPrior`); None = 0.
+    ``prior_mean``: θ₀ by parameter name (the MAP's own prior, ``distlap.finetune.train.GaussianPrior``);
+    None = 0.
     Runs in fp32 (bf16 + kron exits the process silently) and leaves ``requires_grad`` as it found it.
     """
     if cfg.curvature == "asdl" and any("modules_to_save" in n for n in names):

@@ -31,7 +31,7 @@ class ViTSuffix:
 
     ``prefix(x, start)`` is the hidden state entering block ``start`` (B, T, D); ``logits(h, start)``
     finishes the forward pass. Supports transformers 5.x (``vit.layers``) and 4.x
-    (``vit.encoder.layer``); :meth:`exact` checks the split against the full forward pass.
+    (``vit.encoder.layer``); :meth:`try_build` checks the split against the full forward pass.
     """
 
     def __init__(self, model: nn.Module):

@@ -1,17 +1,18 @@
-"""MAP fine-tuning of the tuned parameters θ under a Gaussian prior, to a stationary point.
+"""Fine-tuning of the tuned parameters θ under a Gaussian prior: the posthoc θ̂, or a stationary point.
 
 With the prior N(θ₀, λ⁻¹ I) on the tuned parameters and N training examples, the negative log joint per
 example (the objective) is
 
     L(θ) = mean_i CE(f_θ(x_i), y_i) + λ / (2N) ||θ − θ₀||²,
 
-θ₀ = 0 for LoRA factors and the fresh head, the pretrained value for LayerNorm parameters
-(:func:`distlap.finetune.adapters.prior_mean`). The penalty is inside the gradient (coupled): AdamW's
+θ₀ from :func:`distlap.finetune.anchor.prior_mean` (LoRA A at its initialisation or 0, B and the fresh
+head at 0, LayerNorms at their pretrained value). The penalty is inside the gradient (coupled): AdamW's
 decoupled decay is not this prior under Adam (its effective precision is about λ·sqrt(v̂) per
-parameter). Training is Adam with warm-up and a schedule for ``train.epochs``, then full-batch
-L-BFGS until θ* is stationary: ‖∇L(θ*)‖ ≤ ``train.stationarity_tol`` · ‖∇NLL(θ*)‖ — a Laplace
-approximation at a point that is not a mode is the posterior of nothing. The ratio reached is recorded
-(``stationarity``); a weak prior (small λ/N) makes L ill-conditioned and convergence slow.
+parameter). Training is Adam with warm-up and a schedule for ``train.epochs``. ``train.regime=mode``
+then runs full-batch L-BFGS until θ* is stationary, ‖∇L(θ*)‖ ≤ ``train.stationarity_tol`` · ‖∇NLL(θ*)‖;
+``posthoc`` stops after the epochs (Laplace-LoRA's convention) and :mod:`distlap.robustness` measures
+what that costs. The ratio reached is always recorded (``stationarity``); a weak prior (small λ/N) makes
+L ill-conditioned and a mode far away.
 """
 
 from __future__ import annotations
