@@ -15,7 +15,7 @@ Memory: the peak resident set during each side (CPU) or peak allocated CUDA memo
 
     python benchmarks/layerwise_eval.py                    # the sweep default, CPU
     python benchmarks/layerwise_eval.py --n-test 4000      # the engine's memory does not grow with N
-    python benchmarks/layerwise_eval.py --prior-precision 10 --lbfgs-steps 0   # every block on at the MAP
+    python benchmarks/layerwise_eval.py --prior-precision 10 --lbfgs-steps 500   # at a (near) mode
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def setup(args):
 
     sweep = load_sweep_config(DEFAULT)
     train = {"prior_precision": args.prior_precision}
-    if args.lbfgs_steps is not None:
-        train["max_lbfgs_steps"] = args.lbfgs_steps
+    if args.lbfgs_steps:  # the mode regime, L-BFGS after the epochs (0 or none: the posthoc theta-hat)
+        train |= {"regime": "mode", "max_lbfgs_steps": args.lbfgs_steps}
     overrides = {"data": {"max_test": args.n_test}, "train": train}
     cfg = sweep.trial.model_copy(
         update={
@@ -185,7 +185,8 @@ def main():
     parser.add_argument(
         "--lbfgs-steps",
         type=int,
-        help="cap on the MAP's L-BFGS steps (default: the sweep's); both sides share the model either way",
+        help="regime mode with this cap on L-BFGS steps (default: the sweep's posthoc theta-hat); both "
+        "sides share the model either way",
     )
     args = parser.parse_args()
     torch.set_num_threads(len(psutil.Process().cpu_affinity()))

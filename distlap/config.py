@@ -137,11 +137,10 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _budgets_of_the_regime(self) -> TrainConfig:
-        refining = {"refine_steps", "refine_to"} & self.model_fields_set
-        if self.regime == "mode" and refining:
+        if self.regime == "mode" and self.refine_steps and "refine_steps" in self.model_fields_set:
             raise ValueError(
-                f"train.{min(refining)} refines a post-hoc theta-hat; regime=mode already trains to "
-                "stationarity (set train.regime=posthoc, or drop it)"
+                f"train.refine_steps={self.refine_steps} refines a posthoc theta-hat, but regime=mode "
+                "trains to stationarity already: set train.refine_steps=0 (or train.regime=posthoc)"
             )
         return self
 

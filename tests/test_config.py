@@ -45,7 +45,7 @@ def test_yaml_then_overrides(tmp_path):
         ("train.refine_to=1", r"train\.refine_to: .*less than 1"),
         (
             ("train.regime=mode", "train.refine_steps=50"),
-            r"train.refine_steps refines a post-hoc theta-hat; regime=mode already trains to stationarity",
+            r"train.refine_steps=50 refines a posthoc theta-hat, but regime=mode .*set train.refine_steps=0",
         ),
     ],
 )
@@ -94,3 +94,5 @@ def test_the_default_is_posthoc_with_the_init_anchor():
     train = load_config().train
     assert (train.regime, train.prior_anchor, train.refine_to) == ("posthoc", "init", 0.5)
     assert load_config(overrides=["train.regime=mode"]).train.regime == "mode"  # no refine setting: fine
+    both = ["train.regime=mode", "train.refine_steps=0"]  # a config that set a budget, switched to mode
+    assert load_config(overrides=both).train.refine_steps == 0
