@@ -262,7 +262,8 @@ def _attribution_lines(f: dict) -> list[str]:
             f"By Shapley value, block {top[attribution.BLOCK]} contributes most to Δ{label} "
             f"({top[attribution.VALUE]:+.4f}, 95% interval [{low:+.4f}, {high:+.4f}]); "
             + (
-                f"blocks whose interval lies above 0: {', '.join(clear)}."
+                f"blocks whose interval lies above 0 (marginal intervals, no call over the blocks): "
+                f"{', '.join(clear)}."
                 if clear
                 else "no block's interval lies above 0."
             )

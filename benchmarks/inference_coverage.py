@@ -20,6 +20,10 @@ through the REAL code: :func:`distlap.ranking.trial_replicates` (the paired boot
 (design detected from the test-set identity, :func:`distlap.seed_intervals.pool`), the lead table's marginal
 interval (:meth:`distlap.seed_intervals.Pooled.interval`) and :func:`distlap.ranking.family`.
 
+Settings that differ from a trial's defaults, for time (one core, about 10 minutes): R = 200 example
+resamples per seed (``laplace.n_bootstrap`` is 1000; 200 is the least the max-|t| family of 19 rows
+accepts) and 20 000 Monte-Carlo draws of max |T| per family (``ranking.MC_DRAWS`` is 50 000).
+
 Printed per design: coverage of the 95% intervals of Δ_ECE and Δ_NLL (all 19 rows, and the planted row),
 the family-wise error rate of the calls among the null rows (vs the MAP and pairs, families of 10 and 18)
 and the power to call the planted row among 10 and 18 predictives (vs the MAP), each with its
