@@ -5,7 +5,12 @@ Column names are the project's one vocabulary (:mod:`distlap.names`): ``subset/t
 ``map/test/ece``. A *configuration* is a setting of the searched parameters other than the seed;
 trials that repeat one (several seeds) are aggregated: mean, ``<metric>_std`` (sample std) and
 ``n_seeds``. The CI of one run is its paired bootstrap over test examples; over several seeds it is the
-t-interval of the seed means (``ci_method`` says which).
+seed interval of :func:`distlap.seed_intervals.seed_t_interval` by the design the seeds had (read from
+their recorded test-set identity): nested, the t-interval of the seed means; a shared test set (or an
+unknown design), the seed means' variance plus the mean within-seed variance of each trial's own
+interval, a bound on the shared test set's noise (``ci_method`` says which). Subsets are ranked within a
+configuration by their mean VALIDATION Δ_ECE (``subset/val/delta_ece``) and reported on test; results
+without it (older ones) are ranked on test, and ``ranked_on`` says so.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis.collect import SweepData
-from distlap import names
+from distlap import names, seed_intervals
 from distlap.names import (
     BLOCKS,
     CI_METHOD,
@@ -35,7 +40,8 @@ from distlap.names import (
 from distlap.names import SUBSET_KIND as KIND
 
 KINDS = ("layer", "group", "all")  # a single block, several blocks, every block
-DELTA = names.delta("subset", "test", "ece")  # what subsets are ranked by
+DELTA = names.delta("subset", "test", "ece")  # what subsets are reported by
+VAL_DELTA = names.delta("subset", "val", "ece")  # what subsets are ranked (selected) by
 TIE = 1e-6  # metric differences below this are float noise (fp32 probabilities): ties
 DELTA_LOW, DELTA_HIGH = names.interval(DELTA)
 DELTA_ACCURACY = names.delta("subset", "test", "accuracy")
@@ -46,6 +52,7 @@ TEST, VAL, MAP_TEST = (
 )
 AGGREGATED = (
     DELTA,
+    VAL_DELTA,
     names.delta("subset", "test", "nll"),
     DELTA_ACCURACY,
     names.delta("subset_tuned", "test", "ece"),
@@ -110,6 +117,7 @@ def subset_frame(data: SweepData) -> pd.DataFrame:
                     **map_test,
                     names.PRIOR_PRECISION: result[names.PRIOR_PRECISION],
                     names.PRIOR_METHOD: result[names.PRIOR_METHOD],
+                    names.TEST_SET: result.get("inference", {}).get(names.TEST_SET),
                 }
             )
     return pd.DataFrame(rows)
@@ -117,7 +125,7 @@ def subset_frame(data: SweepData) -> pd.DataFrame:
 
 def summary_table(subsets: pd.DataFrame, config_params: list[str], direction: str) -> pd.DataFrame:
     """One row per (configuration, subset), aggregated over seeds; configurations best objective first,
-    subsets by ``rank`` (1 = largest mean Δ_ECE) within each."""
+    subsets by ``rank`` (1 = largest mean validation Δ_ECE; test where results lack it) within each."""
     groups = subsets.groupby([CONFIG, *config_params, SUBSET], sort=False, dropna=False)
     table = groups.agg(
         **{
@@ -134,13 +142,8 @@ def summary_table(subsets: pd.DataFrame, config_params: list[str], direction: st
     means = groups[present].mean()
     stds = groups[present].std(ddof=1).add_suffix("_std")
     table = table.join(means).join(stds).reset_index()
-    table = _with_ci(table, groups[[DELTA_LOW, DELTA_HIGH]].first().reset_index(drop=True))
-    table[RANK] = (
-        tied(table[DELTA])
-        .groupby(table[CONFIG], sort=False)
-        .rank(ascending=False, method="first")
-        .astype(int)
-    )
+    table = _with_ci(table, [group for _, group in groups])
+    table = _rank(table)
     order = table.groupby(CONFIG, sort=False)[OBJECTIVE].first()
     order = order.sort_values(ascending=direction == "min", kind="stable").index
     table[CONFIG] = pd.Categorical(table[CONFIG], categories=order, ordered=True)
@@ -149,15 +152,38 @@ def summary_table(subsets: pd.DataFrame, config_params: list[str], direction: st
     return table.reset_index(drop=True)
 
 
-def _with_ci(table: pd.DataFrame, single_run: pd.DataFrame) -> pd.DataFrame:
-    """95% CI of the mean Δ_ECE: one run's bootstrap interval, or a t-interval over several seeds."""
-    n = table[names.N_SEEDS].to_numpy()
-    half = stats.t.ppf(0.975, np.maximum(n - 1, 1)) * table[f"{DELTA}_std"].to_numpy() / np.sqrt(n)
-    one = n == 1
-    table[DELTA_LOW] = np.where(one, single_run[DELTA_LOW], table[DELTA] - half)
-    table[DELTA_HIGH] = np.where(one, single_run[DELTA_HIGH], table[DELTA] + half)
-    table[CI_METHOD] = np.where(one, "paired bootstrap over test examples", "t-interval over seeds")
+def _rank(table: pd.DataFrame) -> pd.DataFrame:
+    """``rank`` within each configuration by mean validation Δ_ECE (selection never looks at test), or by
+    test Δ_ECE where any of its rows lacks the validation value; ``ranked_on`` names the split."""
+    val = table[VAL_DELTA] if VAL_DELTA in table else pd.Series(np.nan, index=table.index)
+    on_val = val.notna().groupby(table[CONFIG], sort=False).transform("all")
+    key = tied(val.where(on_val, table[DELTA]))
+    table[RANK] = key.groupby(table[CONFIG], sort=False).rank(ascending=False, method="first").astype(int)
+    table[names.RANKED_ON] = np.where(on_val, "validation", "test (no validation Δ in these results)")
     return table
+
+
+def _with_ci(table: pd.DataFrame, groups: list[pd.DataFrame]) -> pd.DataFrame:
+    """95% CI of the mean Δ_ECE: one run's bootstrap interval, or the seed interval of its seeds (module
+    doc); each trial's own interval gives its within-seed variance, ((high − low) / (2 z_0.975))²."""
+    low, high, method = [], [], []
+    z = stats.norm.ppf(0.975)
+    for group in groups:
+        if len(group) == 1:
+            low.append(group[DELTA_LOW].iloc[0])
+            high.append(group[DELTA_HIGH].iloc[0])
+            method.append("paired bootstrap over test examples")
+            continue
+        within = ((group[DELTA_HIGH] - group[DELTA_LOW]) / (2 * z)) ** 2
+        ids = group[names.TEST_SET] if names.TEST_SET in group else [None] * len(group)
+        test_sets = [t if isinstance(t, str) else None for t in ids]
+        ci = seed_intervals.seed_t_interval(
+            group[DELTA].to_numpy(float), within_var=within.to_numpy(float), test_sets=test_sets
+        )
+        low.append(float(ci.low[0]))
+        high.append(float(ci.high[0]))
+        method.append(ci.method)
+    return table.assign(**{DELTA_LOW: low, DELTA_HIGH: high, CI_METHOD: method})
 
 
 def best_config(summary: pd.DataFrame) -> str:
@@ -166,7 +192,8 @@ def best_config(summary: pd.DataFrame) -> str:
 
 
 def ranking(summary: pd.DataFrame, config: str) -> pd.DataFrame:
-    """The subsets of ``config`` ranked by mean Δ_ECE, largest first."""
+    """The subsets of ``config`` ranked by mean validation Δ_ECE, largest first (``ranked_on`` says where
+    older results made that test)."""
     return summary[summary[CONFIG] == config].sort_values(RANK).reset_index(drop=True)
 
 

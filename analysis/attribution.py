@@ -3,7 +3,12 @@
 Each trial's ``layer_wise_results.json`` carries (glm predictive) the Shapley value of every block for
 Δ_ECE and Δ_NLL with a bootstrap interval over test examples, and the greedy best set of k blocks.
 Over the seeds of one configuration the mean is shown; the interval is the trial's bootstrap interval
-for one seed and a t-interval over seeds for several (as :mod:`analysis.aggregate` does for Δ_ECE).
+for one seed and, for several, the seed interval of :func:`distlap.seed_intervals.seed_t_interval` by the
+seeds' design (as :mod:`analysis.aggregate` does for Δ_ECE): the t-interval over seeds when each drew its
+own test set, plus the mean within-seed variance (a bound on the shared test set's noise) when they share
+one or the design is unknown. These are marginal intervals: no distinguishability call is made over the
+blocks or the 2^L coalitions. The best set of k blocks is chosen on validation (``val_value``) and its
+test value shown; older results chose it on test, and ``ranked_on`` says so.
 :func:`ranking_survives` says whether the subsets rank alike under the global λ and under their own.
 """
 
@@ -17,7 +22,7 @@ from scipy import stats
 
 from analysis.aggregate import tied
 from analysis.figures import plt, save
-from distlap import names
+from distlap import names, seed_intervals
 
 SCORE, BLOCK, K, VALUE, LOW, HIGH = "score", "block", "k", "value", "low", "high"
 _LEVEL = 0.95
@@ -26,13 +31,15 @@ _LEVEL = 0.95
 def shapley_table(results: list[dict]) -> pd.DataFrame:
     """One row per (score, block): mean Shapley value over the seeds (``results``: their JSON), interval."""
     rows = []
-    with_attribution = [r["attribution"] for r in results if "attribution" in r]
+    with_attribution = [r for r in results if "attribution" in r]
     for score in names.SCORES:
-        per_seed = [a["values"][score] for a in with_attribution if score in a.get("values", {})]
-        if not per_seed:
+        seeds = [r for r in with_attribution if score in r["attribution"].get("values", {})]
+        if not seeds:
             continue
+        per_seed = [r["attribution"]["values"][score] for r in seeds]
         phi = np.array([v["shapley"] for v in per_seed])  # (n_seeds, L)
-        low, high = _interval(phi, per_seed)
+        test_sets = [r.get("inference", {}).get(names.TEST_SET) for r in seeds]
+        low, high = _interval(phi, per_seed, test_sets)
         rows += [
             {
                 SCORE: score,
@@ -47,20 +54,29 @@ def shapley_table(results: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[SCORE, BLOCK, VALUE, LOW, HIGH, names.N_SEEDS])
 
 
-def _interval(phi: np.ndarray, per_seed: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+def _se(one: dict, n_blocks: int) -> np.ndarray:
+    """One seed's standard errors: from its percentile interval, (high − low) / (2 z_0.975), or as saved."""
+    if "shapley_low" in one:
+        return (np.array(one["shapley_high"]) - np.array(one["shapley_low"])) / (2 * stats.norm.ppf(0.975))
+    return np.array(one.get("shapley_se", np.full(n_blocks, np.nan)), dtype=float)
+
+
+def _interval(phi: np.ndarray, per_seed: list[dict], test_sets: list) -> tuple[np.ndarray, np.ndarray]:
     if len(phi) > 1:
-        half = stats.t.ppf((1 + _LEVEL) / 2, len(phi) - 1) * phi.std(0, ddof=1) / np.sqrt(len(phi))
-        return phi.mean(0) - half, phi.mean(0) + half
+        within = np.stack([_se(one, phi.shape[1]) ** 2 for one in per_seed])
+        within = None if np.isnan(within).any() else within
+        ci = seed_intervals.seed_t_interval(phi, _LEVEL, within_var=within, test_sets=test_sets)
+        return ci.low.numpy(), ci.high.numpy()
     one = per_seed[0]
     if "shapley_low" in one:
         return np.array(one["shapley_low"]), np.array(one["shapley_high"])
-    se = np.array(one.get("shapley_se", np.full(len(phi[0]), np.nan)))
     z = stats.norm.ppf((1 + _LEVEL) / 2)
-    return phi[0] - z * se, phi[0] + z * se
+    return phi[0] - z * _se(one, phi.shape[1]), phi[0] + z * _se(one, phi.shape[1])
 
 
 def best_k_table(results: list[dict]) -> pd.DataFrame:
-    """One row per (score, k): the mean over seeds of the greedy best k blocks' value, and its blocks
+    """One row per (score, k): the mean over seeds of the TEST value of the greedy best k blocks, chosen
+    on validation where the results say so (``val_value`` beside ``value``; ``ranked_on``), and its blocks
     in the first seed."""
     rows = []
     for score in names.SCORES:
@@ -70,6 +86,7 @@ def best_k_table(results: list[dict]) -> pd.DataFrame:
             if score in r.get("attribution", {}).get("values", {})
         ]
         for k, steps in enumerate(zip(*curves), start=1):
+            on_val = all("val_value" in s for s in steps)
             rows.append(
                 {
                     SCORE: score,
@@ -77,9 +94,12 @@ def best_k_table(results: list[dict]) -> pd.DataFrame:
                     VALUE: float(np.mean([s["value"] for s in steps])),
                     names.BLOCKS: list(steps[0][names.BLOCKS]),
                     names.N_SEEDS: len(steps),
+                    names.RANKED_ON: "validation"
+                    if on_val
+                    else "test (no validation value in these results)",
                 }
             )
-    return pd.DataFrame(rows, columns=[SCORE, K, VALUE, names.BLOCKS, names.N_SEEDS])
+    return pd.DataFrame(rows, columns=[SCORE, K, VALUE, names.BLOCKS, names.N_SEEDS, names.RANKED_ON])
 
 
 def shapley_figure(table: pd.DataFrame, title: str, path: Path) -> Path | str:
@@ -115,8 +135,9 @@ def best_k_figure(table: pd.DataFrame, title: str, path: Path) -> Path | str:
                 ",".join(map(str, blocks)), (k, v), fontsize=7, textcoords="offset points", xytext=(0, 5)
             )
     ax.axhline(0, color="black", linewidth=0.8)
+    on = "validation" if (table[names.RANKED_ON] == "validation").all() else "TEST (older results)"
     ax.set(
-        xlabel="k, blocks treated as Bayesian (greedy best set; labels: its blocks)",
+        xlabel=f"k, blocks treated as Bayesian (greedy best set, chosen on {on}; labels: its blocks)",
         ylabel="improvement over the MAP (test)",
         title=title,
     )

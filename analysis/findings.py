@@ -2,8 +2,11 @@
 
 All computed from the tables of :mod:`analysis.aggregate`: the reference configuration (best mean
 validation objective: selection never looks at test), its best single layer and best group by mean
-Δ_ECE, ``all`` against the best single layer and whether their 95% CIs separate them, Optuna's best
-trial (λ and LoRA rank), the cost of each evaluation, and which trials are missing and why.
+VALIDATION Δ_ECE, reported with their test values (older results without validation Δ are chosen on test,
+and the findings say so), ``all`` against the best single layer (the paired difference of their test
+Δ_ECE from the saved replicates, pooled over seeds by their design; the non-overlap of their CIs for
+results without replicates), Optuna's best trial (λ and LoRA rank), the cost of each evaluation, and
+which trials are missing and why.
 """
 
 from __future__ import annotations
@@ -13,10 +16,21 @@ from datetime import UTC, datetime
 
 import pandas as pd
 
-from analysis import attribution
-from analysis.aggregate import DELTA, DELTA_ACCURACY, DELTA_HIGH, DELTA_LOW, TEST, config_label, ranking, tied
+from analysis import attribution, lead
+from analysis.aggregate import (
+    DELTA,
+    DELTA_ACCURACY,
+    DELTA_HIGH,
+    DELTA_LOW,
+    TEST,
+    VAL_DELTA,
+    config_label,
+    ranking,
+    tied,
+)
 from analysis.collect import SweepData
-from distlap import names
+from distlap import names, seed_intervals
+from distlap import ranking as family_ranking
 from distlap.names import (
     BLOCKS,
     CI_METHOD,
@@ -43,6 +57,8 @@ _SUBSET_FIELDS = (
     TEST["accuracy"],
     TEST["nll"],
     DELTA_ACCURACY,
+    VAL_DELTA,
+    names.RANKED_ON,
 )
 _COST_FIELDS = (names.TIME_PER_EPOCH, names.FIT_TIME, names.EVAL_TIME, names.WALL_TIME)
 _LAPLACE_FIELDS = (
@@ -66,6 +82,7 @@ def findings(data: SweepData, summary: pd.DataFrame, reference: str) -> dict:
     ref = _reference(ranked, data)
     best_layer = _best(ranked, "layer")
     every = _best(ranked, "all")
+    ref_results = [data.results[t] for t in ref[TRIAL_IDS] if t in data.results]
     return {
         "sweep": {
             "name": data.name,
@@ -81,10 +98,10 @@ def findings(data: SweepData, summary: pd.DataFrame, reference: str) -> dict:
         "best_single_layer": best_layer,
         "best_group": _best(ranked, "group"),
         "all": every,
-        "all_vs_best_single_layer": _compare(every, best_layer),
+        "all_vs_best_single_layer": _compare(every, best_layer, ref_results),
         "optuna_best": _optuna_best(data),
         "cost": _cost(data, summary),
-        "attribution": _attribution([data.results[t] for t in ref[TRIAL_IDS] if t in data.results]),
+        "attribution": _attribution(ref_results),
         "own_lambda": attribution.ranking_survives(ranked),
     }
 
@@ -125,18 +142,34 @@ def _best(ranked: pd.DataFrame, kind: str) -> dict | None:
     return _row(rows.iloc[0]) if len(rows) else None
 
 
-def _compare(every: dict | None, layer: dict | None) -> dict | None:
-    """``all`` minus the best single layer; 'separate' = the two 95% CIs do not overlap (conservative:
-    non-overlap implies a difference, overlap does not prove there is none; not a paired test)."""
+def _compare(every: dict | None, layer: dict | None, results: list[dict]) -> dict | None:
+    """``all`` minus the best single layer (chosen on validation) in test Δ_ECE. With saved replicates:
+    the marginal 95% interval of their paired difference, pooled over the seeds by their design
+    (:class:`distlap.seed_intervals.Pooled`); 'separate' = it excludes 0. Without (older results): the
+    non-overlap of the two 95% CIs (conservative; not a paired test)."""
     if every is None or layer is None:
         return None
-    separate = every[DELTA_LOW] > layer[DELTA_HIGH] or layer[DELTA_LOW] > every[DELTA_HIGH]
     better = "all" if every[DELTA] > layer[DELTA] else layer[SUBSET]
+    laws = lead.pooled(results)
+    if laws is None or not {"all", layer[SUBSET]} <= set(laws["ece"].names):
+        separate = every[DELTA_LOW] > layer[DELTA_HIGH] or layer[DELTA_LOW] > every[DELTA_HIGH]
+        return {
+            "difference": every[DELTA] - layer[DELTA],
+            "cis_separate": bool(separate),
+            "larger_delta_ece": better,
+            "method": "non-overlap of the two 95% CIs of Δ_ECE (conservative; not a paired test)",
+        }
+    law = laws["ece"]
+    est, se, df = law.contrast(family_ranking.pairs(law.names, ["all", layer[SUBSET]]).weights)
+    low, high = seed_intervals.t_bounds(est, se, df, 0.95)
     return {
-        "difference": every[DELTA] - layer[DELTA],
-        "cis_separate": bool(separate),
+        "difference": float(est[0]),
+        "low": float(low[0]),
+        "high": float(high[0]),
+        "cis_separate": bool(low[0] > 0 or high[0] < 0),
         "larger_delta_ece": better,
-        "method": "non-overlap of the two 95% CIs of Δ_ECE (conservative; not a paired test)",
+        "method": f"paired difference of test Δ_ECE, marginal 95% interval ({law.design} design, "
+        f"{law.n_seeds} seed{'s' * (law.n_seeds > 1)})",
     }
 
 
@@ -229,7 +262,8 @@ def _attribution_lines(f: dict) -> list[str]:
             f"By Shapley value, block {top[attribution.BLOCK]} contributes most to Δ{label} "
             f"({top[attribution.VALUE]:+.4f}, 95% interval [{low:+.4f}, {high:+.4f}]); "
             + (
-                f"blocks whose interval lies above 0: {', '.join(clear)}."
+                f"blocks whose interval lies above 0 (marginal intervals, no call over the blocks): "
+                f"{', '.join(clear)}."
                 if clear
                 else "no block's interval lies above 0."
             )
@@ -271,6 +305,14 @@ def _setup_lines(f: dict) -> list[str]:
 def _subset_lines(f: dict) -> list[str]:
     """The best single layer, the best group, ``all`` against the best layer, accuracy cautions."""
     lines = []
+    on = (f["best_single_layer"] or f["best_group"] or {}).get(names.RANKED_ON)
+    if on == "validation":
+        lines.append("The best subsets are chosen on validation Δ_ECE; their test values are reported.")
+    elif on is not None:
+        lines.append(
+            "Caution: these results carry no validation Δ_ECE, so the best subsets below were chosen on "
+            "the test set they are reported on: their values are optimistic."
+        )
     if f["best_single_layer"]:
         lines.append(f"The best single layer is {_fmt_subset(f['best_single_layer'])}.")
     if f["best_group"]:
@@ -278,10 +320,16 @@ def _subset_lines(f: dict) -> list[str]:
     cmp = f["all_vs_best_single_layer"]
     if cmp:
         layer = f["best_single_layer"][SUBSET]
-        verdict = "do not overlap: the test set separates them"
-        if not cmp["cis_separate"]:
-            verdict = "overlap: the test set does not separate them"
-        lines.append(f"With every block Bayesian: {_fmt_subset(f['all'])}; its CI and {layer}'s {verdict}.")
+        paired = "low" in cmp
+        verdict = (
+            "the test set separates them" if cmp["cis_separate"] else "the test set does not separate them"
+        )
+        how = (
+            f"all − {layer} = {cmp['difference']:+.4f} [{cmp['low']:+.4f}, {cmp['high']:+.4f}] (paired)"
+            if paired
+            else f"its CI and {layer}'s {'do not overlap' if cmp['cis_separate'] else 'overlap'}"
+        )
+        lines.append(f"With every block Bayesian: {_fmt_subset(f['all'])}; {how}: {verdict}.")
     for s in (f["best_single_layer"], f["all"]):
         if s and s[DELTA_ACCURACY] is not None and -s[DELTA_ACCURACY] > ACCURACY_DROP_NOTE:
             lines.append(

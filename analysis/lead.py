@@ -2,78 +2,80 @@
 
 Rows: the MAP, temperature scaling, last-layer Laplace and every layer subset, on the same fine-tuned
 models (the reference configuration's seeds). Columns: the improvement over the MAP on test in ECE, NLL
-and accuracy (positive = better), each with a 95% interval over test examples, Monte-Carlo sample sets
-(``nn``) and, with several seeds, training seeds (a hierarchical bootstrap of the trials' saved
-replicates, :func:`distlap.seed_intervals.across_seeds`); whether Δ_ECE is distinguishable from 0 after
-Holm's correction over all rows; ECE under shift (mean over the corrupted sets) and OOD AUROCs (mean
-over seeds, t-interval with several); a block's Shapley value of Δ_ECE; and the seconds the predictive
-costs beyond the MAP.
+and accuracy (positive = better), each with a marginal 95% interval over test examples, Monte-Carlo sample
+sets (``nn``) and, with several seeds, training seeds, pooled by the design the seeds had (the same test
+set: crossed; each its own: nested; detected from the recorded test-set identity,
+:mod:`distlap.seed_intervals`); whether Δ_ECE is distinguishable from 0 in the family of all rows
+against the MAP (simultaneous interval and adjusted p that agree, :mod:`distlap.ranking`); ECE under
+shift (mean over the corrupted sets) and OOD AUROCs (mean over seeds, t-interval with several); a
+block's Shapley value of Δ_ECE; and the seconds the predictive costs beyond the MAP. The best subset is
+chosen on validation and compared with temperature scaling on test.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from analysis.aggregate import tied
 from analysis.page import with_interval
-from distlap import intervals, names, ranking, seed_intervals
+from distlap import names, ranking, seed_intervals
+from distlap.seed_intervals import Pooled
 
 LEVEL = 0.95
 PREDICTIVE, BLOCKS, N_SEEDS = "predictive", names.BLOCKS, names.N_SEEDS
 SCORES = ("ece", "nll", "accuracy")
-DELTAS = {s: f"test/delta_{s}" for s in SCORES}
-P_HOLM, DISTINCT = "p_holm", "distinguishable"
-SHIFT_ECE, NEAR, FAR = "shift/ece", "near_ood/auroc_maxprob", "far_ood/auroc_maxprob"
+DELTAS = {s: names.split_delta("test", s) for s in SCORES}
+VAL_DELTA = names.delta("subset", "val", "ece")  # what the best subset is chosen by
+P, P_ADJ, DISTINCT = "p", "p_adjusted", "distinguishable"
+SHIFT_ECE = names.score("map", "shift", "ece").partition("/")[2]  # the lead table's columns: no predictive
+NEAR, FAR = (names.ood("map", s, "auroc_maxprob").partition("/")[2] for s in ("near_ood", "far_ood"))
 SHAPLEY, COST = names.SHAPLEY + "ece", "cost_s"
 LABELS = {p: names.PREDICTIVES[p] for p in ("map", "temp", "lla")}
 
 
-def pooled(results: list[dict]) -> dict[str, intervals.Replicates] | None:
-    """Per score, the replicates of every predictive's improvement over the MAP: one trial's own, or
-    pooled over the seeds by the hierarchical bootstrap (each seed its own test draw: nested). None when
-    a trial has no saved replicates (older results)."""
+def pooled(results: list[dict]) -> dict[str, Pooled] | None:
+    """Per score, the joint law of every predictive's improvement over the MAP: one trial's replicates,
+    or pooled over the seeds by their design (:func:`distlap.ranking.pooled_laws`). None when a trial has
+    no saved replicates (older results)."""
     if not results or any("inference" not in r for r in results):
         return None
-    out = {}
-    for score in SCORES:
-        per_seed = [intervals.replicates_from_json(r["inference"]["replicates"][score]) for r in results]
-        out[score] = (
-            per_seed[0]
-            if len(per_seed) == 1
-            else seed_intervals.across_seeds(per_seed, shared_examples=False, n_resamples=2000, seed=0)
-        )
-    return out
+    return ranking.pooled_laws([r["inference"] for r in results])
+
+
+def ece_family(laws: dict[str, Pooled]) -> dict:
+    """The family of every row against the MAP in Δ_ECE (:func:`distlap.ranking.family`)."""
+    law = laws["ece"]
+    return ranking.family(law, ranking.versus_map(law.names), LEVEL)
 
 
 def lead_table(results: list[dict]) -> pd.DataFrame:
     """The lead table (module doc) of one configuration's trials (their ``layer_wise_results.json``)."""
-    reps = pooled(results)
-    if reps is None:
+    laws = pooled(results)
+    if laws is None:
         return pd.DataFrame()
     first = results[0]
     order = ["map", *(n for n in ("temp", "lla") if n in first.get("baselines", {})), *first["subsets"]]
     rows = {name: {PREDICTIVE: LABELS.get(name, name), N_SEEDS: len(results)} for name in order}
     for name in first["subsets"]:
         rows[name][BLOCKS] = first["subsets"][name][BLOCKS]
-    _improvements(rows, reps)
+    _improvements(rows, laws)
     _seed_means(rows, results)
     _shapley(rows, results)
     return pd.DataFrame(list(rows.values()), index=order).rename_axis("name").reset_index()
 
 
-def _improvements(rows: dict, reps: dict[str, intervals.Replicates]) -> None:
+def _improvements(rows: dict, laws: dict[str, Pooled]) -> None:
     rows["map"].update({DELTAS[s]: 0.0 for s in SCORES})
-    for score, rep in reps.items():
-        low, high = intervals.percentile_interval(rep.replicates, LEVEL)
-        for k, name in enumerate(rep.names):
+    for score, law in laws.items():
+        low, high = law.interval(LEVEL)
+        for k, name in enumerate(law.names):
             col = DELTAS[score]
             rows[name].update(
-                {col: float(rep.estimate[k]), f"{col}_low": float(low[k]), f"{col}_high": float(high[k])}
+                {col: float(law.estimate[k]), f"{col}_low": float(low[k]), f"{col}_high": float(high[k])}
             )
-    for row in ranking.ranking_table(reps["ece"], LEVEL):
-        rows[row["name"]].update({P_HOLM: row["p_holm"], DISTINCT: row["distinguishable"]})
+    for row in ece_family(laws)["rows"]:
+        rows[row["name"]].update({P: row["p"], P_ADJ: row.get("p_adjusted"), DISTINCT: row[DISTINCT]})
 
 
 def _metrics(result: dict, name: str) -> tuple[str, dict]:
@@ -104,9 +106,9 @@ def _mean_interval(col: str, values: list[float]) -> dict:
     if not values:
         return {}
     out = {col: float(np.mean(values))}
-    if len(values) > 1:
-        half = stats.t.ppf((1 + LEVEL) / 2, len(values) - 1) * np.std(values, ddof=1) / len(values) ** 0.5
-        out |= {f"{col}_low": out[col] - half, f"{col}_high": out[col] + half}
+    if len(values) > 1:  # one number per seed: the seed interval's t over seeds
+        ci = seed_intervals.seed_t_interval(np.asarray(values, dtype=float), LEVEL)
+        out |= {f"{col}_low": float(ci.low[0]), f"{col}_high": float(ci.high[0])}
     return out
 
 
@@ -138,9 +140,10 @@ def display(table: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         return table
     shown = with_interval(table, [*DELTAS.values(), SHIFT_ECE, NEAR, FAR])
-    shown[P_HOLM] = [f"{p:.3g}" if pd.notna(p) else "" for p in table.get(P_HOLM, np.nan)]
+    for col in (P, P_ADJ):
+        shown[col] = [f"{p:.3g}" if pd.notna(p) else "" for p in table.get(col, np.nan)]
     if DISTINCT in shown:
-        shown[DISTINCT] = ["" if pd.isna(d) else ("yes" if d else "no") for d in table[DISTINCT]]
+        shown[DISTINCT] = ["" if d is None or pd.isna(d) else ("yes" if d else "no") for d in table[DISTINCT]]
     if SHAPLEY in shown:
         shown[SHAPLEY] = [f"{v:+.4f}" if pd.notna(v) else "" for v in table[SHAPLEY]]
     if COST in shown:
@@ -148,22 +151,18 @@ def display(table: pd.DataFrame) -> pd.DataFrame:
     return shown.drop(columns=["name"])
 
 
+def _called(rows: pd.DataFrame) -> pd.Series:
+    """Rows called distinguishable (None, no call in an unresolvable family, is not a call)."""
+    return rows[DISTINCT].map(lambda d: d is True or d is np.True_)
+
+
 def verdict(table: pd.DataFrame, results: list[dict]) -> list[str]:
     """Plain sentences that follow from the intervals of ``table`` (see :func:`lead_table`)."""
     if table.empty:
         return ["No saved replicates in these results: rerun the trials with this version for the table."]
-    subsets = table[table[BLOCKS].notna()]
-    better = subsets[subsets[DISTINCT] & (subsets[DELTAS["ece"]] > 0)]
-    worse = subsets[subsets[DISTINCT] & (subsets[DELTAS["ece"]] < 0)]
+    laws = pooled(results)
     n = int(table[N_SEEDS].iloc[0])
-    lines = [
-        f"Over {n} training seed{'s' * (n > 1)}: {len(better)} of {len(subsets)} layer subsets calibrate "
-        f"better than the MAP (Δ_ECE > 0, distinguishable from 0 after Holm's correction at 95%)"
-        + (f": {', '.join(better['name'])}" if len(better) else "")
-        + f"; {len(worse)} calibrate worse"
-        + (f" ({', '.join(worse['name'])})" if len(worse) else "")
-        + "; the others cannot be told apart from the MAP."
-    ]
+    lines = [*_design_line(laws["ece"]), _calls_line(table, ece_family(laws), n)]
     lines += [_baseline_line(table, name) for name in ("temp", "lla") if name in set(table["name"])]
     lines += _best_vs_temperature(table, results)
     lines += _shift_ood_line(table) + _switched_off(results)
@@ -175,16 +174,51 @@ def verdict(table: pd.DataFrame, results: list[dict]) -> list[str]:
     return lines
 
 
+def _design_line(law: Pooled) -> list[str]:
+    """How the seeds were pooled, from their recorded test sets (:mod:`distlap.seed_intervals`)."""
+    n = law.n_seeds
+    how = {
+        seed_intervals.CROSSED: f"The {n} seeds share one test set (the same test-set identity and example "
+        "resamples): pooled as crossed, the seed means' variance s²/n plus the shared test-set covariance "
+        f"of their bootstrap replicates, t with {n - 1} df.",
+        seed_intervals.NESTED: f"The {n} seeds each drew their own test set: pooled as nested, the "
+        f"t-interval over the seed means ({n - 1} df), whose spread holds the test noise.",
+        seed_intervals.UNKNOWN: f"The {n} seeds' test sets cannot be matched (no test-set identity in "
+        "older results, unaligned resamples, or some shared and some not): pooled conservatively, the "
+        f"shared test-set variance bounded by the mean within-seed one, t with {n - 1} df.",
+    }
+    return [how[law.design]] if law.design in how else []
+
+
+def _calls_line(table: pd.DataFrame, family: dict, n: int) -> str:
+    subsets = table[table[BLOCKS].notna()]
+    seeds = f"Over {n} training seed{'s' * (n > 1)}"
+    if not family["resolvable"]:
+        return (
+            f"{seeds}: no predictive is called better or worse than the MAP: the family of "
+            f"{len(family['rows'])} rows cannot be resolved ({family['reason']})."
+        )
+    better = subsets[_called(subsets) & (subsets[DELTAS["ece"]] > 0)]
+    worse = subsets[_called(subsets) & (subsets[DELTAS["ece"]] < 0)]
+    crit = min((r["critical"] for r in family["rows"] if r["critical"] > 0), default=float("nan"))
+    return (
+        f"{seeds}: {len(better)} of {len(subsets)} layer subsets calibrate better than the MAP (Δ_ECE > 0, "
+        f"its simultaneous 95% interval over all {len(family['rows'])} rows against the MAP excludes 0: "
+        f"{family['method']}; a call needs |t| > {crit:.2f})"
+        + (f": {', '.join(better['name'])}" if len(better) else "")
+        + f"; {len(worse)} calibrate worse"
+        + (f" ({', '.join(worse['name'])})" if len(worse) else "")
+        + "; the others cannot be told apart from the MAP."
+    )
+
+
 def _baseline_line(table: pd.DataFrame, name: str) -> str:
     row = table.set_index("name").loc[name]
     col = DELTAS["ece"]
-    verdict_ = (
-        "better than"
-        if row[DISTINCT] and row[col] > 0
-        else "worse than"
-        if row[DISTINCT]
-        else "no different from"
-    )
+    called = row[DISTINCT] is True or row[DISTINCT] is np.True_
+    verdict_ = "better than" if called and row[col] > 0 else "worse than" if called else "no different from"
+    if row[DISTINCT] is None or pd.isna(row[DISTINCT]):  # no call: the family is unresolvable
+        verdict_ = "not compared (unresolvable family) with"
     return (
         f"{LABELS[name][0].upper() + LABELS[name][1:]}: Δ_ECE {row[col]:+.4f} [{row[col + '_low']:+.4f}, "
         f"{row[col + '_high']:+.4f}], {verdict_} the MAP."
@@ -197,25 +231,42 @@ def _first_best(rows: pd.DataFrame, column: str, *, ascending: bool) -> str:
     return rows.loc[tied(rows[column]).sort_values(ascending=ascending, kind="stable").index, "name"].iloc[0]
 
 
+def best_subset(subsets: pd.DataFrame, results: list[dict]) -> tuple[str, str]:
+    """The subset with the largest mean validation Δ_ECE over the seeds, and ``"validation"``; where a
+    result lacks ``subset/val/delta_ece`` (older results), the largest test Δ_ECE and ``"test"``."""
+    val = [[r["subsets"][n]["metrics"].get(VAL_DELTA) for r in results] for n in subsets["name"]]
+    if any(v is None for row in val for v in row):
+        return _first_best(subsets, DELTAS["ece"], ascending=False), "test"
+    chosen = pd.DataFrame({"name": list(subsets["name"]), VAL_DELTA: [float(np.mean(v)) for v in val]})
+    return _first_best(chosen, VAL_DELTA, ascending=False), "validation"
+
+
 def _best_vs_temperature(table: pd.DataFrame, results: list[dict]) -> list[str]:
-    """The best subset against temperature scaling, from the paired replicates of their difference."""
-    reps = pooled(results)
+    """The best subset (chosen on validation) against temperature scaling on test: the marginal interval of
+    their paired difference (:meth:`distlap.seed_intervals.Pooled.contrast`)."""
+    laws = pooled(results)
     subsets = table[table[BLOCKS].notna()]
-    if reps is None or subsets.empty or "temp" not in reps["ece"].names:
+    if laws is None or subsets.empty or "temp" not in laws["ece"].names:
         return []
-    best = _first_best(subsets, DELTAS["ece"], ascending=False)
-    pair = intervals.select(reps["ece"], [best, "temp"])
-    diff = ranking.pairwise(pair)
-    low, high = intervals.percentile_interval(diff.replicates, LEVEL)
-    d, lo, hi = float(diff.estimate[0]), float(low[0]), float(high[0])
+    best, on = best_subset(subsets, results)
+    law = laws["ece"]
+    est, se, df = law.contrast(ranking.pairs(law.names, [best, "temp"]).weights)
+    low, high = seed_intervals.t_bounds(est, se, df, LEVEL)
+    d, lo, hi = float(est[0]), float(low[0]), float(high[0])
     if lo > 0:
         says = f"{best} calibrates better than temperature scaling"
     elif hi < 0:
         says = f"temperature scaling calibrates better than {best}"
     else:
         says = f"{best} and temperature scaling cannot be told apart"
+    chosen = (
+        "chosen on validation Δ_ECE"
+        if on == "validation"
+        else "chosen on TEST Δ_ECE: these results carry no validation Δ, so this comparison is optimistic"
+    )
     return [
-        f"Best subset {best} minus temperature scaling in Δ_ECE: {d:+.4f} [{lo:+.4f}, {hi:+.4f}]: {says}."
+        f"Best subset {best} ({chosen}) minus temperature scaling in test Δ_ECE: {d:+.4f} "
+        f"[{lo:+.4f}, {hi:+.4f}]: {says}."
     ]
 
 

@@ -143,7 +143,7 @@ def _lead_title(found: dict) -> str:
     return (
         f"{ref[CONFIG]}: every predictive against the MAP on the same models ({ref[N_SEEDS]} seed"
         f"{'s' * (ref[N_SEEDS] > 1)}; Δ = improvement, positive = better; [95% interval]; distinguishable: "
-        "Δ_ECE ≠ 0 after Holm's correction)"
+        "the simultaneous 95% interval of Δ_ECE over all rows excludes 0, p_adjusted < 0.05)"
     )
 
 
@@ -202,7 +202,7 @@ def _captioned(images: dict, found: dict) -> list[tuple[str, Path | str, str]]:
         "shapley": f"Shapley value of each block for Δ_ECE and Δ_NLL (test, improvement over the MAP) "
         f"in {ref}: its average contribution over all 2^L coalitions of blocks treated as Bayesian; "
         "they sum to the value of all blocks. Whiskers: 95% interval (bootstrap over test examples for "
-        "one seed, t over seeds).",
+        "one seed; over seeds, t by the seeds' test-set design).",
         "best_k": "Improvement over the MAP of the greedy best k blocks, against k (labels: the blocks).",
         "delta_ece_ranked": f"Δ_ECE of every layer subset in {ref}, largest first; whiskers: 95% CI ({ci}). "
         "Above 0: the restricted posterior is better calibrated than the MAP.",

@@ -19,6 +19,7 @@ Three sources, one currency: bootstrap *replicates* of Δ, (S, R) for S predicti
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -108,6 +109,25 @@ def bootstrap_indices(n: int, n_resamples: int, seed: int = 0) -> Tensor:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return _resample_indices(n, n_resamples, torch.Generator().manual_seed(seed))
+
+
+def test_set_identity(*tensors: Tensor) -> str:
+    """A short identity of a test set: the first 16 hex digits of SHA-256 over each tensor's dtype, shape
+    and bytes (e.g. the images and labels of ``FineTuned.splits.test``). Seeds that scored the same
+    examples in the same order get the same identity, seeds with their own test draw different ones."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = torch.as_tensor(t).detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def bootstrap_seed(test_set: str) -> int:
+    """The seed of the example resamples of a test set: its identity (:func:`test_set_identity`) as a
+    60-bit integer. Seeding by the test set, not the training seed, makes seeds that share a test set draw
+    the very same resamples (a crossed design, :mod:`distlap.seed_intervals`)."""
+    return int(test_set[:15], 16)
 
 
 # ------------------------------------------------------------- examples x posterior-sample sets

@@ -302,6 +302,29 @@ _COLUMNS: dict[str, Name] = {
     )
 }
 
+# --- inference over predictives and seeds (distlap.ranking, distlap.seed_intervals, analysis/lead.py) --
+
+TEST_SET = "test_set"  # identity (a hash) of a trial's test set: equal across seeds = a crossed design
+BOOTSTRAP_SEED = "bootstrap_seed"  # seed of a trial's example resamples, derived from its TEST_SET
+RANKED_ON = "ranked_on"  # the split subsets were selected on: validation (test only in older results)
+_COLUMNS.update(
+    {
+        n.key: n
+        for n in (
+            Name(TEST_SET, "identity of the test set (hash of its examples)"),
+            Name(BOOTSTRAP_SEED, "seed of the example resamples (from the test set)"),
+            Name(RANKED_ON, "split the subsets were selected on"),
+        )
+    }
+)
+
+
+def split_delta(split: str, name: str) -> str:
+    """``split_delta("test", "ece") == "test/delta_ece"``: the improvement over the MAP as a column of a
+    table whose rows are predictives (the lead table)."""
+    return delta("map", split, name).removeprefix("map/")
+
+
 # --- MLflow tags and Optuna user attributes --------------------------------------------------------
 
 SWEEP_TAG = "distlap.sweep"  # the sweep id (= the Optuna study name) on every run of a sweep

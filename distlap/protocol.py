@@ -125,32 +125,22 @@ def _all_probs(study: Study, fitted: Baselines, loader: DataLoader) -> tuple[dic
 def inference(probs: dict[str, torch.Tensor], labels: torch.Tensor, ft: FineTuned, study: Study) -> dict:
     """``result["inference"]``: paired bootstrap replicates of every predictive's improvement over the MAP
     on test (ECE, NLL, accuracy; two-level for nn sample sets), and from them which predictives are
-    distinguishable from the MAP and from each other (Holm-adjusted p, simultaneous max-|t| intervals).
-    The replicates are kept so that seeds can be pooled later
-    (:func:`distlap.seed_intervals.across_seeds`)."""
+    distinguishable from the MAP and from each other (:func:`distlap.ranking.trial_inference`: single-step
+    max-|t| p-values and simultaneous intervals that agree). The example resamples are seeded by the test
+    set and its identity is recorded, so that seeds sharing a test set pool as crossed and seeds with their
+    own test draw (``data.max_test``) as nested (:func:`distlap.seed_intervals.pool`)."""
     n_bins, la = ft.cfg.n_bins, ft.cfg.laplace
     others = {n: p for n, p in probs.items() if n != "map"}
-    reps = intervals.improvement_replicates(
-        probs["map"],
-        others,
-        labels,
-        {
-            "ece": (functools.partial(metrics.expected_calibration_error, n_bins=n_bins), False),
-            "nll": (metrics.negative_log_likelihood, False),
-            "accuracy": (metrics.accuracy, True),
-        },
-        n_resamples=la.n_bootstrap,
-        seed=ft.cfg.seed,
-    )
-    ece = reps["ece"]
-    return {
-        "n_resamples": la.n_bootstrap,
-        "seed": ft.cfg.seed,
-        "subsets": list(study.subsets),
-        "replicates": {s: intervals.replicates_to_json(r) for s, r in reps.items()},
-        "vs_map": {s: ranking.ranking_table(r) for s, r in reps.items()},
-        "pairwise": ranking.ranking_table(ranking.pairwise(ece)) if len(ece.names) > 1 else [],
+    scores = {
+        "ece": (functools.partial(metrics.expected_calibration_error, n_bins=n_bins), False),
+        "nll": (metrics.negative_log_likelihood, False),
+        "accuracy": (metrics.accuracy, True),
     }
+    test_set = intervals.test_set_identity(*ft.splits.test.tensors)
+    out = ranking.trial_inference(
+        probs["map"], others, labels, scores, test_set=test_set, n_resamples=la.n_bootstrap
+    )
+    return {**out, "training_seed": ft.cfg.seed, "subsets": list(study.subsets)}
 
 
 def _prefix(name: str, study: Study) -> str:

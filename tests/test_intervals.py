@@ -10,6 +10,7 @@ import torch
 from distlap import intervals as I
 from distlap import metrics as M
 from distlap import ranking as R
+from distlap import seed_intervals as S
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -97,6 +98,24 @@ def test_bootstrap_fast_path_equals_generic_loop(metric):
     loop = I.paired_bootstrap_ci(lambda p, y: metric(p, y), probs_a, probs_b, labels, n_resamples=50, seed=1)
     assert M._fast_path(lambda p, y: metric(p, y)) is None
     assert dataclasses.astuple(fast) == pytest.approx(dataclasses.astuple(loop), abs=1e-12)
+
+
+def test_test_set_identity_tells_test_sets_apart_and_seeds_their_resamples():
+    images = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.arange(40) % 5
+    ident = I.test_set_identity(images, labels)
+    assert len(ident) == 16 and ident == I.test_set_identity(images.clone(), labels.clone())
+    others = [
+        I.test_set_identity(images[:39], labels[:39]),  # one example fewer (a max_test subsample)
+        I.test_set_identity(images.flip(0), labels.flip(0)),  # another order
+        I.test_set_identity(images, (labels + 1) % 5),  # other labels
+        I.test_set_identity(images.float(), labels),  # the same values, another dtype
+    ]
+    assert len({ident, *others}) == 5
+    seed = I.bootstrap_seed(ident)
+    assert seed == int(ident[:15], 16) and torch.equal(
+        I.bootstrap_indices(40, 7, seed), I.bootstrap_indices(40, 7, seed)
+    )
 
 
 def test_resample_indices_are_seeded():
@@ -220,11 +239,14 @@ def test_subsets_share_rows_and_set_draws():
     rep = I.delta_replicates(
         ECE, probs_map, {"a": sets, "b": sets.clone(), "c": _sets(logits, 4, 2.0, 2)}, labels, n_resamples=100
     )
-    diffs = R.pairwise(rep)
-    assert diffs.names == ("a - b", "a - c", "b - c")
-    assert torch.equal(diffs.replicates[0], torch.zeros(100, dtype=torch.float64))
-    assert R.bootstrap_p_values(diffs.replicates)[0].item() == 1.0
-    torch.testing.assert_close(diffs.replicates[1], rep.replicates[0] - rep.replicates[2], rtol=0, atol=0)
+    pairs = R.pairs(rep.names)
+    diffs = pairs.weights @ rep.replicates
+    assert pairs.names == ("a - b", "a - c", "b - c")
+    assert torch.equal(diffs[0], torch.zeros(100, dtype=torch.float64))  # a, b: the same sets, rows, draws
+    torch.testing.assert_close(diffs[1], rep.replicates[0] - rep.replicates[2], rtol=0, atol=0)
+    law = S.pool([rep], ["t"], [0])
+    first = next(r for r in R.family(law, pairs)["rows"] if r["name"] == "a - b")
+    assert (first["se"], first["p"], first["distinguishable"]) == (0.0, 1.0, False)  # never tested
 
 
 # ------------------------------------------------------------------------------------------ validation

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from distlap import names, protocol
+from distlap import intervals, names, protocol
 from distlap.finetune.data import make_loader
 from distlap.runtime import predict
 from helpers import study_of
@@ -93,7 +93,8 @@ def test_near_ood_holds_only_unseen_classes(evaluated):
 
 def test_inference_replicates_agree_with_the_rows(evaluated):
     """The saved replicates' estimates are the rows' improvements (glm is deterministic), every predictive
-    is tested against the MAP with Holm's adjustment, and every pair of them against each other."""
+    is tested against the MAP and every pair of them against each other, in families whose adjusted p and
+    simultaneous intervals agree."""
     _, _, result = evaluated
     inf = result["inference"]
     rows = {**result["subsets"], **result["baselines"]}
@@ -104,7 +105,20 @@ def test_inference_replicates_agree_with_the_rows(evaluated):
         for score in ("ece", "nll", "accuracy"):
             got = inf["replicates"][score]["estimate"][k]
             assert got == pytest.approx(rows[name]["metrics"][names.delta(key, "test", score)], abs=1e-6)
-    for row in inf["vs_map"]["ece"]:
-        assert row["p_holm"] >= row["p"] and row["low"] <= row["estimate"] <= row["high"]
+    for family in (*inf["vs_map"].values(), inf["pairwise"]):
+        assert family["resolvable"] and family["design"] == "single"
+        for row in family["rows"]:
+            assert row["p_adjusted"] >= row["p"] and row["low"] <= row["estimate"] <= row["high"]
+            assert row["distinguishable"] == (row["p_adjusted"] < 0.05) == (row["low"] > 0 or row["high"] < 0)
     n = len(ece["names"])
-    assert len(inf["pairwise"]) == n * (n - 1) // 2
+    assert len(inf["pairwise"]["rows"]) == n * (n - 1) // 2
+
+
+def test_inference_is_seeded_by_the_test_set_it_records(evaluated):
+    """The example resamples follow the test set, not the training seed: seeds sharing a test set share
+    them (crossed); the identity lets the analysis tell that from seeds with their own test draw."""
+    ft, _, result = evaluated
+    inf = result["inference"]
+    assert inf[names.TEST_SET] == intervals.test_set_identity(*ft.splits.test.tensors)
+    assert inf[names.BOOTSTRAP_SEED] == intervals.bootstrap_seed(inf[names.TEST_SET])
+    assert inf["training_seed"] == ft.cfg.seed

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
+from scipy import stats
 
 from analysis import aggregate
 from analysis.collect import ReportError, load_folder
@@ -24,6 +25,7 @@ from analysis.report import build_report, main, write_report
 from distlap import names
 
 DELTA = names.delta("subset", "test")
+VAL_DELTA = names.delta("subset", "val")
 LOW, HIGH = names.interval(DELTA)
 TEST = names.scores("subset", "test")
 
@@ -113,19 +115,27 @@ def test_every_file_is_written_and_logged_to_mlflow(report, sweep_dir):
 
 def test_ranking_follows_the_json_results(report, results):
     """Reference configuration = best mean validation objective; its subsets ranked by the mean over its
-    seeds of the Δ_ECE in each trial's layer_wise_results.json."""
+    seeds of the VALIDATION Δ_ECE in each trial's layer_wise_results.json (test where the results carry
+    none, and ``ranked_on`` says so), reported with their test Δ_ECE."""
     found = _summary(report)
     ref = found["reference_config"]
     seeds = [r["json"] for r in results.values() if r["trial_id"] in ref["trial_ids"]]
     assert len(seeds) == ref["n_seeds"] >= 1
-    mean = {
-        name: np.mean([s["subsets"][name]["metrics"][DELTA] for s in seeds]) for name in seeds[0]["subsets"]
-    }
+    subsets = list(seeds[0]["subsets"])
+    mean = {n: np.mean([s["subsets"][n]["metrics"][DELTA] for s in seeds]) for n in subsets}
+    on_val = all(VAL_DELTA in s["subsets"][n]["metrics"] for s in seeds for n in subsets)
+    key = VAL_DELTA if on_val else DELTA
+    by = {n: np.mean([s["subsets"][n]["metrics"][key] for s in seeds]) for n in subsets}
     ranked = pd.read_csv(report / "subset_ranking.csv")
     assert set(ranked.subset) == set(mean) and (ranked.configuration == ref["configuration"]).all()
-    assert ranked[DELTA].tolist() == pytest.approx(sorted(mean.values(), reverse=True))
+    assert [by[s] for s in ranked.subset] == pytest.approx(sorted(by.values(), reverse=True), abs=1e-6)
     assert ranked[DELTA].tolist() == pytest.approx([mean[s] for s in ranked.subset])
     assert ranked["rank"].tolist() == list(range(1, len(mean) + 1))
+    assert (
+        set(ranked["ranked_on"]) == {"validation"}
+        if on_val
+        else ranked["ranked_on"].iloc[0].startswith("test")
+    )
     layers = ranked[ranked.kind == "layer"]
     assert found["best_single_layer"]["subset"] == layers.subset.iloc[0]
     assert found["all"][DELTA] == pytest.approx(mean["all"])
@@ -137,11 +147,8 @@ def test_seed_aggregation_and_confidence_intervals(report, results):
     assert (table[LOW] <= table[DELTA]).all() and (table[DELTA] <= table[HIGH]).all()
     assert sorted(table.groupby("configuration").n_seeds.first()) == [2, 2]
     for _, row in table.iterrows():
-        runs = [
-            r["json"]["subsets"][row.subset]
-            for r in results.values()
-            if r["config"] == (row["train.prior_precision"], row["peft.rank"])
-        ]
+        config = (row["train.prior_precision"], row["peft.rank"])
+        runs = [r["json"]["subsets"][row.subset] for r in results.values() if r["config"] == config]
         assert row.n_seeds == len(runs)
         deltas = [r["metrics"][DELTA] for r in runs]
         assert row[DELTA] == pytest.approx(np.mean(deltas))
@@ -149,9 +156,16 @@ def test_seed_aggregation_and_confidence_intervals(report, results):
         if len(runs) == 1:  # the paired bootstrap interval of the one run
             assert (row[LOW], row[HIGH]) == pytest.approx((runs[0]["metrics"][LOW], runs[0]["metrics"][HIGH]))
             assert np.isnan(row[f"{DELTA}_std"])
-        else:
-            assert row.ci_method == "t-interval over seeds"
-            assert row[f"{DELTA}_std"] == pytest.approx(np.std(deltas, ddof=1))
+            continue
+        assert row[f"{DELTA}_std"] == pytest.approx(np.std(deltas, ddof=1))
+        test_sets = {r["json"]["inference"]["test_set"] for r in results.values() if r["config"] == config}
+        var = np.var(deltas, ddof=1) / len(runs)
+        if len(test_sets) == 1:  # one shared test set: + the mean within-seed variance (a bound)
+            z = stats.norm.ppf(0.975)
+            var += np.mean([((r["metrics"][HIGH] - r["metrics"][LOW]) / (2 * z)) ** 2 for r in runs])
+        assert ("crossed" if len(test_sets) == 1 else "nested") in row.ci_method
+        half = stats.t.ppf(0.975, len(runs) - 1) * np.sqrt(var)
+        assert (row[LOW], row[HIGH]) == pytest.approx((row[DELTA] - half, row[DELTA] + half), abs=1e-9)
 
 
 def test_findings(report, sweep_dir):
@@ -162,9 +176,11 @@ def test_findings(report, sweep_dir):
     assert best["objective"] == pytest.approx(study.best_value)
     assert best["params"] == study.best_params
     cmp = found["all_vs_best_single_layer"]
-    layer, every = found["best_single_layer"], found["all"]
-    overlap = every[LOW] <= layer[HIGH] and layer[LOW] <= every[HIGH]
-    assert cmp["cis_separate"] is (not overlap)
+    assert "paired" in cmp["method"]  # the trials saved their replicates
+    assert cmp["cis_separate"] is (cmp["low"] > 0 or cmp["high"] < 0)
+    assert cmp["difference"] == pytest.approx(
+        found["all"][DELTA] - found["best_single_layer"][DELTA], abs=1e-6
+    )
     assert found["trials"] == {
         "planned": 4,
         "started": 4,
