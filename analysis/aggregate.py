@@ -117,6 +117,8 @@ def subset_frame(data: SweepData) -> pd.DataFrame:
                     **map_test,
                     names.PRIOR_PRECISION: result[names.PRIOR_PRECISION],
                     names.PRIOR_METHOD: result[names.PRIOR_METHOD],
+                    names.PRIOR_ANCHOR: result.get(names.PRIOR_ANCHOR, "zero"),  # older results: zero
+                    names.REGIME: result.get(names.REGIME, "mode"),  # older results trained to a mode
                     names.TEST_SET: result.get("inference", {}).get(names.TEST_SET),
                 }
             )

@@ -295,11 +295,14 @@ def _shift_ood_line(table: pd.DataFrame) -> list[str]:
 
 
 def _switched_off(results: list[dict], tol: float = 1e-2, floor: float = 1e-2) -> list[str]:
-    """Blocks whose MAP update is (nearly) zero in every seed, under ``tol`` of the largest block's or
-    under ``floor`` in norm (when every block is off): their linearised posterior changes nothing, so
-    'this block does not matter' there is a property of the MAP, not of the block."""
+    """Under the zero anchor (older results: the only one), blocks whose MAP update is (nearly) zero in
+    every seed, under ``tol`` of the largest block's or under ``floor`` in norm (when every block is off):
+    their linearised posterior changes nothing, so 'this block does not matter' there is a property of the
+    MAP, not of the block; with the origin test's numbers where the trials recorded them. Under the init
+    anchor a block at θ₀ keeps a Jacobian (∂f/∂B ∝ A₀) and is not off."""
     updates = [r.get(names.BLOCK_UPDATE) for r in results]
-    if not updates or any(u is None for u in updates):
+    anchors = {r.get(names.PRIOR_ANCHOR, "zero") for r in results}
+    if not updates or any(u is None for u in updates) or anchors != {"zero"}:
         return []
     u = np.array(updates)
     off = [b for b in range(u.shape[1]) if (u[:, b] < np.maximum(tol * u.max(1), floor)).all()]
@@ -310,4 +313,18 @@ def _switched_off(results: list[dict], tol: float = 1e-2, floor: float = 1e-2) -
         f"{tol:.0%} of the largest block's or under {floor:g}, every seed): a Gaussian prior on LoRA "
         "factors is a nuclear-norm penalty on their product, and at A = B = 0 the linearised posterior "
         "of a block changes nothing; read those blocks' rows as 'off at the MAP', not 'irrelevant'."
+        + _origin_test(results[0], off)
     ]
+
+
+def _origin_test(result: dict, off: list[int]) -> str:
+    """The first seed's origin test of the switched-off blocks (σ_max of ∇_W NLL against λ/(N·s))."""
+    tests = {t["block"]: t for t in result.get(names.SWITCH_OFF) or []}
+    shown = [tests[b] for b in off if b in tests]
+    if not shown:
+        return ""
+    parts = ", ".join(f"block {t['block']}: {t['sigma']:.3g} vs {t['threshold']:.3g}" for t in shown)
+    return (
+        f" The origin test of the first seed (σ_max of ∇_W NLL at A = B = 0 against λ/(N·s); the origin "
+        f"is a local minimum when the second is larger): {parts}."
+    )

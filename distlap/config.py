@@ -108,12 +108,15 @@ class TrainConfig(_Strict):
         "refine_steps more L-BFGS steps toward the mode. mode: L-BFGS after the epochs until stationary "
         "(stationarity_tol, max_lbfgs_steps); reachable at strong priors.",
     )
-    refine_steps: int = Field(
-        300,
-        ge=0,
-        description="posthoc, layer-wise: at most this many L-BFGS steps from theta-hat toward the mode "
-        "before the answer is recomputed (robustness/...). 0 = not measured.",
+    refine_method: Literal["adam", "lbfgs"] = Field(
+        "adam",
+        description="posthoc, layer-wise: how theta-hat is moved toward the mode before the answer is "
+        "recomputed (robustness/...): adam continued at refine_lr, or full-batch L-BFGS.",
     )
+    refine_steps: int = Field(
+        60, ge=0, description="The refinement's budget: Adam epochs, or L-BFGS steps. 0 = not measured."
+    )
+    refine_lr: float = Field(1e-2, gt=0, description="refine_method=adam: peak learning rate (cosine).")
     refine_to: float = Field(
         0.5,
         ge=0,

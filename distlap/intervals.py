@@ -18,7 +18,6 @@ Three sources, one currency: bootstrap *replicates* of Δ, (S, R) for S predicti
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distlap.metrics import Metric, expected_calibration_error, replicate_values
+from distlap.metrics import Metric, replicate_values
 
 _SET_STREAM = 1  # the sample-set draws use their own stream, so the example rows equal the one-level ones
 
@@ -79,24 +78,6 @@ def paired_bootstrap_ci(
     tails = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
     low, high = torch.quantile(diffs, tails).tolist()
     return BootstrapCI(float(estimate), low, high, level, n_resamples)
-
-
-def delta_ece_ci(
-    probs_map: Tensor,
-    probs_bayes: Tensor,
-    labels: Tensor,
-    *,
-    n_bins: int = 15,
-    n_resamples: int = 1000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> BootstrapCI:
-    """Delta_ECE = ECE_MAP - ECE_Bayes with a paired bootstrap interval over test examples; positive
-    means the Bayesian predictive is better calibrated than the MAP one."""
-    ece = functools.partial(expected_calibration_error, n_bins=n_bins)
-    return paired_bootstrap_ci(
-        ece, probs_map, probs_bayes, labels, n_resamples=n_resamples, level=level, seed=seed
-    )
 
 
 def bootstrap_indices(n: int, n_resamples: int, seed: int = 0) -> Tensor:

@@ -88,7 +88,8 @@ def fit_baselines(ft: FineTuned, study: Study) -> tuple[Baselines, dict]:
         lla = fit_last_layer_laplace(
             ft.model, fit, head=head_module_name(ft.model), n_train=len(ft.splits.train)
         )
-    kw = dict(n_bins=ft.cfg.n_bins, n_bootstrap=la_cfg.n_bootstrap, seed=ft.cfg.seed)
+    test_set = intervals.test_set_identity(*ft.splits.test.tensors)  # resampled as the subsets are
+    kw = dict(n_bins=ft.cfg.n_bins, n_bootstrap=la_cfg.n_bootstrap, seed=intervals.bootstrap_seed(test_set))
     rows = {
         "temp": predictive_row("temp", *(temperature_scale(z, temp) for z in (val, test)), ref, **kw),
         "lla": predictive_row(

@@ -3,9 +3,10 @@
 In the ``posthoc`` regime (Laplace-LoRA's convention, :class:`distlap.config.TrainConfig`) the Laplace
 approximation is fitted at the fine-tuned θ̂, which on few-shot data is far from a stationary point of
 the negative log joint (stationarity ‖∇L‖ / ‖∇NLL‖ near 1 after Adam). Laplace assumes a mode, so every
-posthoc trial measures what that assumption costs: full-batch L-BFGS from θ̂ for ``train.refine_steps``
-steps (:func:`distlap.finetune.train.converge`, stopping early at the mode tolerance), the layer-wise study
-again at the refined point (same λ, glm, no bootstrap), and a comparison of the two answers:
+posthoc trial measures what that assumption costs: θ̂ moved toward the mode within ``train.refine_*``
+(:func:`distlap.finetune.refine.refine`: Adam continued, or L-BFGS, until the stationarity is
+``train.refine_to`` times its value at θ̂), the layer-wise study again at the refined point (same λ, glm,
+no bootstrap), and a comparison of the two answers:
 
 - Kendall's τ_b between the single blocks' test Δ_ECE at θ̂ and after (1: the same order; differences
   below :data:`RESOLUTION` are ties, and with every block tied at either point τ is undefined, NaN);
@@ -28,11 +29,12 @@ from scipy.stats import kendalltau
 
 from distlap import names
 from distlap.bayes.layerwise import Study
+from distlap.finetune.refine import refine
 from distlap.finetune.run import FineTuned
-from distlap.finetune.train import converge
 from distlap.runtime import Timer
 
 GROUPS = ("early", "mid", "late")
+_UNITS = {"adam": "epochs", "lbfgs": "L-BFGS steps"}
 RESOLUTION = 1e-3  # Δ_ECE differences below this are ties: far below what a test set of 10^3 resolves
 
 
@@ -42,16 +44,19 @@ def robustness(ft: FineTuned, study: Study, restudy: Callable[[float], Study], l
     cfg = ft.cfg.train
     before = ft.train.stationarity
     theta_hat = [p.detach().clone() for p in ft.model.parameters() if p.requires_grad]
-    loader = ft.loader("train", batch_size=cfg.batch_size)
+    loaders = (ft.loader("train", batch_size=cfg.batch_size, shuffle=True), ft.loader("train"))
+    target = max(cfg.refine_to * before, cfg.stationarity_tol)
     log(
-        f"[distlap] robustness: up to {cfg.refine_steps} L-BFGS steps from theta-hat until stationarity "
-        f"<= {max(cfg.refine_to * before, cfg.stationarity_tol):.2e}"
+        f"[distlap] robustness: {cfg.refine_method} from theta-hat, at most {cfg.refine_steps} "
+        f"{_UNITS[cfg.refine_method]}, until stationarity <= {target:.2e}"
     )
     try:
         with Timer() as t:
-            target = max(cfg.refine_to * before, cfg.stationarity_tol)
-            steps, after = converge(ft.model, loader, ft.prior, cfg, ft.device, log, cfg.refine_steps, target)
+            steps, after = refine(ft.model, loaders, ft.prior, cfg, ft.device, target, log)
             again = restudy(study.result[names.PRIOR_PRECISION])
+    except FloatingPointError as err:  # a diverged refinement measured nothing; the trial goes on
+        log(f"[distlap] robustness unmeasured: {err}")
+        return _unmeasured(before)
     finally:
         _restore(ft, theta_hat)
     out = {
@@ -64,6 +69,15 @@ def robustness(ft: FineTuned, study: Study, restudy: Callable[[float], Study], l
     }
     log(f"[distlap] {summary_line(out)}")
     return out
+
+
+def _unmeasured(before: float) -> dict:
+    keys = (names.ROBUST_TIME, names.ROBUST_AFTER, names.ROBUST_TAU, names.ROBUST_CHANGE)
+    return (
+        {names.ROBUST_STEPS: 0, names.ROBUST_BEFORE: before, names.ROBUST_MOVED: False}
+        | dict.fromkeys(keys, math.nan)
+        | {names.ROBUST_TOP: None, names.ROBUST_GROUP: None}
+    )
 
 
 def _restore(ft: FineTuned, theta_hat: list[torch.Tensor]) -> None:
@@ -106,7 +120,7 @@ def summary_line(r: dict) -> str:
     """One line: how far the refinement moved θ̂ and whether the answer moved with it."""
     moved = "" if r[names.ROBUST_MOVED] else " (did not halve it: the answer's robustness is unmeasured)"
     return (
-        f"robustness: {r[names.ROBUST_STEPS]} L-BFGS steps took stationarity {r[names.ROBUST_BEFORE]:.2e} -> "
+        f"robustness: {r[names.ROBUST_STEPS]} refinement steps, stationarity {r[names.ROBUST_BEFORE]:.2e} -> "
         f"{r[names.ROBUST_AFTER]:.2e}{moved}; single-block ranking Kendall tau {r[names.ROBUST_TAU]:+.2f}, "
         f"top block {'agrees' if r[names.ROBUST_TOP] else 'changes'}, best group "
         f"{ {True: 'agrees', False: 'changes', None: 'n/a'}[r[names.ROBUST_GROUP]] }, largest change of a "

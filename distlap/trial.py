@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from distlap import names, protocol
+from distlap import intervals, names, protocol
 from distlap.bayes.evaluate import split_scores
 from distlap.bayes.layers import layer_subsets, num_blocks
 from distlap.bayes.layerwise import LaplaceData, NNEvaluator, Scoring, Study, run_layerwise, write_results
@@ -57,12 +57,11 @@ def layerwise(
     its result recording the prior's anchor and the regime (and, under the zero anchor, the switch-off
     test of every LoRA block)."""
     cfg = ft.cfg
-    scoring = Scoring(n_bins=cfg.n_bins, n_bootstrap=cfg.laplace.n_bootstrap, seed=cfg.seed)
     study = run_layerwise(
         laplace_data(ft),
         cfg.laplace,
         prior_precision=cfg.train.prior_precision,
-        scoring=scoring,
+        scoring=scoring(ft),
         only=only,
         evaluate_nn=evaluate_nn,
         fitted=fitted,
@@ -71,6 +70,14 @@ def layerwise(
     )
     study.result |= prior_record(ft, log)
     return study
+
+
+def scoring(ft: FineTuned, n_bootstrap: int | None = None) -> Scoring:
+    """How ``ft``'s predictives are scored: its bins, ``laplace.n_bootstrap`` resamples seeded by its test
+    set (paired across training seeds that share it), posterior samples seeded by the training seed."""
+    test_set = intervals.test_set_identity(*ft.splits.test.tensors)
+    n = ft.cfg.laplace.n_bootstrap if n_bootstrap is None else n_bootstrap
+    return Scoring(ft.cfg.n_bins, n, intervals.bootstrap_seed(test_set), sample_seed=ft.cfg.seed)
 
 
 def prior_record(ft: FineTuned, log) -> dict:
@@ -107,9 +114,8 @@ def restudy(ft: FineTuned, prior_precision: float) -> Study:
     glm at the fixed ``prior_precision``, no bootstrap, quiet."""
     cfg = ft.cfg
     la = cfg.laplace.model_copy(update={"predictive": "glm", "prior_method": "fixed", "shapley_bootstrap": 0})
-    scoring = Scoring(n_bins=cfg.n_bins, n_bootstrap=1, seed=cfg.seed)
     return run_layerwise(
-        laplace_data(ft), la, prior_precision=prior_precision, scoring=scoring, log=lambda _: None
+        laplace_data(ft), la, prior_precision=prior_precision, scoring=scoring(ft, 1), log=lambda _: None
     )
 
 

@@ -136,7 +136,7 @@ def _calibrated_and_overconfident(n: int = 2000, c: int = 10) -> tuple[torch.Ten
 
 def test_delta_ece_positive_when_bayes_is_better_calibrated():
     probs_map, probs_bayes, labels = _calibrated_and_overconfident()
-    ci = I.delta_ece_ci(probs_map, probs_bayes, labels, n_resamples=300)
+    ci = I.paired_bootstrap_ci(ECE, probs_map, probs_bayes, labels, n_resamples=300)
     ece = M.expected_calibration_error
     assert ci.estimate == pytest.approx(ece(probs_map, labels) - ece(probs_bayes, labels))
     assert 0 < ci.low <= ci.estimate <= ci.high
@@ -145,13 +145,13 @@ def test_delta_ece_positive_when_bayes_is_better_calibrated():
 
 def test_bootstrap_identical_inputs_give_zero_interval():
     probs, labels = _random_probs(300, 5, seed=8)
-    ci = I.delta_ece_ci(probs, probs.clone(), labels, n_resamples=200)
+    ci = I.paired_bootstrap_ci(ECE, probs, probs.clone(), labels, n_resamples=200)
     assert (ci.estimate, ci.low, ci.high) == (0.0, 0.0, 0.0)
 
 
 def test_bootstrap_is_reproducible_and_seed_dependent():
     probs_map, probs_bayes, labels = _calibrated_and_overconfident(n=500)
-    run = functools.partial(I.delta_ece_ci, probs_map, probs_bayes, labels, n_resamples=200)
+    run = functools.partial(I.paired_bootstrap_ci, ECE, probs_map, probs_bayes, labels, n_resamples=200)
     assert run(seed=3) == run(seed=3)
     assert run(seed=3) != run(seed=4)
 

@@ -73,11 +73,14 @@ class Study:
 
 @dataclass(frozen=True)
 class Scoring:
-    """How a subset's row is scored: calibration bins, bootstrap resamples, their seed."""
+    """How a subset's row is scored: calibration bins, bootstrap resamples and their seed (the test set's,
+    :func:`distlap.intervals.bootstrap_seed`, so that seeds sharing a test set resample alike), and the
+    seed of the nn predictive's posterior samples (None: ``seed``)."""
 
     n_bins: int
     n_bootstrap: int
     seed: int
+    sample_seed: int | None = None
 
 
 def run_layerwise(
@@ -150,7 +153,8 @@ def nn_study(data, cfg, la, subsets, scoring, prior_precision, evaluate_nn) -> d
     every = tuple(range(num_blocks(data.model)))
 
     def draw(lam: float) -> Posterior:
-        return sample_posterior(la, params, cfg, prior_precision=lam, seed=scoring.seed)
+        seed = scoring.seed if scoring.sample_seed is None else scoring.sample_seed
+        return sample_posterior(la, params, cfg, prior_precision=lam, seed=seed)
 
     def val_nll(post: Posterior) -> float:  # gridsearch scorer: the 'all' posterior on validation
         return metrics.negative_log_likelihood(

@@ -16,7 +16,7 @@ from pathlib import Path
 from ray import tune
 
 from distlap import names
-from distlap.bayes.layerwise import Scoring, write_results
+from distlap.bayes.layerwise import write_results
 from distlap.config import TrialConfig
 from distlap.finetune.run import FineTuned, prepare, train
 from distlap.provenance import provenance
@@ -34,6 +34,7 @@ from distlap.trial import (
     record,
     write_trial,
 )
+from distlap.trial import scoring as trial_scoring
 
 # Test hook: the first attempt of a trial dies after this epoch (its checkpoint saved), as a preempted
 # worker would; the retry must resume from that checkpoint (tests/sweep/test_checkpoints.py).
@@ -96,7 +97,7 @@ def _laplace_stage(ft: FineTuned, sweep: SweepConfig, only, run: TrialRun, fitte
     """The layer-wise study (nn subsets as Ray tasks when the trial has child bundles), checkpointed
     after the fit; results written and logged."""
     cfg = ft.cfg
-    scoring = Scoring(n_bins=cfg.n_bins, n_bootstrap=cfg.laplace.n_bootstrap, seed=cfg.seed)
+    scoring = trial_scoring(ft)
     tasks = sweep.resources.eval_tasks
     evaluator = ray_nn_evaluator(ft, scoring, sweep.resources.task_resources(), log) if tasks else None
     on_fit = lambda state: checkpoints.report(ft, {"stage": "laplace-fit"}, laplace_fit=state)

@@ -168,6 +168,24 @@ def test_blocks_all_but_off_are_named_switched_off():
     assert any("switched off blocks 0, 1" in line for line in lead.verdict(lead.lead_table(results), results))
 
 
+def test_switched_off_only_under_the_zero_anchor_with_the_origin_test_numbers():
+    """Under the init anchor a block at θ₀ keeps its Jacobian (∂f/∂B ∝ A₀): not 'off'. Under the zero
+    anchor the origin test of the first seed explains the silenced blocks in numbers."""
+    results = [_result(s) for s in range(2)]
+    for r in results:
+        r[names.BLOCK_UPDATE] = [0.6, 0.001]
+        r[names.PRIOR_ANCHOR] = "init"
+    assert not any("switched off" in line for line in lead.verdict(lead.lead_table(results), results))
+    for r in results:
+        r[names.PRIOR_ANCHOR] = "zero"
+    results[0][names.SWITCH_OFF] = [
+        {"block": 0, "sigma": 0.157, "threshold": 0.05, "silenced": False},
+        {"block": 1, "sigma": 0.0353, "threshold": 0.25, "silenced": True},
+    ]
+    (line,) = [x for x in lead.verdict(lead.lead_table(results), results) if "switched off" in x]
+    assert "switched off block 1 (" in line and "block 1: 0.0353 vs 0.25" in line and "block 0:" not in line
+
+
 def test_float_noise_on_equal_deltas_is_a_tie_and_the_first_row_wins():
     """Switched-off blocks have Δ = 0 up to fp32 noise (~1e-8): the noise must not choose the 'best'."""
     rows = pd.DataFrame({"name": ["layer_0", "layer_1", "layer_2"], "d": [-7e-4, -3e-8, 2e-8]})

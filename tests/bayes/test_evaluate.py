@@ -1,6 +1,7 @@
 """A subset's row: its scores against the metrics module, Δ signed as improvement, the bootstrap interval."""
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -56,7 +57,8 @@ def test_subset_row_scores_deltas_and_interval(ref):
         assert m[names.delta("subset", "val", score)] == pytest.approx(expected, abs=1e-12)
     val_acc = metrics.accuracy(val, ref.val_labels) - metrics.accuracy(ref.val_probs, ref.val_labels)
     assert m[names.delta("subset", "val", "accuracy")] == pytest.approx(val_acc, abs=1e-12)
-    ci = intervals.delta_ece_ci(ref.test_probs, test, ref.test_labels, n_bins=10, n_resamples=200, seed=0)
+    ece = functools.partial(metrics.expected_calibration_error, n_bins=10)
+    ci = intervals.paired_bootstrap_ci(ece, ref.test_probs, test, ref.test_labels, n_resamples=200, seed=0)
     low, high = names.interval(delta)
     assert (m[low], m[high]) == (ci.low, ci.high)
     np.testing.assert_equal(
