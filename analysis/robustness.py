@@ -29,6 +29,7 @@ def robustness_summary(results: list[dict]) -> dict | None:
     group = [bool(r[names.ROBUST_GROUP]) for r in rows if r.get(names.ROBUST_GROUP) is not None]
     out = {
         names.N_SEEDS: len(rows),
+        "unit": _unit(rows),
         "n_moved": sum(moved),
         "stationarity_before": [r[names.ROBUST_BEFORE] for r in rows],
         "stationarity_after": [r[names.ROBUST_AFTER] for r in rows],
@@ -55,7 +56,7 @@ def robustness_lines(summary: dict | None) -> list[str]:
         return []
     s, n = summary, summary[names.N_SEEDS]
     how = (
-        f"L-BFGS from θ̂ ({_range(s['steps'], '')} steps) took the stationarity "
+        f"further optimisation from θ̂ ({_range(s['steps'], '')} {s['unit']}) took the stationarity "
         f"‖∇ log joint‖/‖∇ NLL‖ from {_range(s['stationarity_before'])} to {_range(s['stationarity_after'])} "
         f"(at least halved in {s['n_moved']} of {n} seed{'s' * (n > 1)})"
     )
@@ -79,6 +80,14 @@ def robustness_lines(summary: dict | None) -> list[str]:
         f"The ranking does NOT survive further optimisation toward the mode (τ = {tau}): read the blocks' "
         f"order below as a property of where fine-tuning stopped, not of the posterior. {how}; {facts}."
     ]
+
+
+def _unit(rows: list[dict]) -> str:
+    """What a refinement step was (Adam epochs or L-BFGS steps), as the trials recorded it."""
+    methods = {r.get(names.ROBUST_METHOD) for r in rows} - {None}
+    return {frozenset({"adam"}): "Adam epochs", frozenset({"lbfgs"}): "L-BFGS steps"}.get(
+        frozenset(methods), "steps"
+    )
 
 
 def _at_least(value: float | None, bound: float) -> bool:

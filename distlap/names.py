@@ -226,6 +226,7 @@ PRIOR_ANCHOR = "laplace/prior_anchor"  # theta0 of the LoRA factors: init (A at 
 REGIME = "laplace/regime"  # posthoc (Laplace at the fine-tuned theta-hat) | mode (trained to stationarity)
 SWITCH_OFF = "laplace/switch_off"  # zero anchor: per block, the test whether A = B = 0 is a local minimum
 ROBUSTNESS = "robustness/"  # prefix: the layer-wise answer at theta-hat against after further optimisation
+ROBUST_METHOD = ROBUSTNESS + "method"
 ROBUST_STEPS = ROBUSTNESS + "steps"
 ROBUST_TIME = ROBUSTNESS + "seconds"
 ROBUST_BEFORE = ROBUSTNESS + "stationarity_before"
@@ -242,7 +243,8 @@ _SCALARS.update(
             Name(PRIOR_ANCHOR, "prior mean of the LoRA factors (init: A at its initialisation; zero)"),
             Name(REGIME, "training regime (posthoc: Laplace at the fine-tuned point; mode: stationary)"),
             Name(SWITCH_OFF, "zero anchor, per block: top singular value of ∇_W NLL against λ/(N·s)"),
-            Name(ROBUST_STEPS, "L-BFGS steps from θ̂ toward the mode", better=None),
+            Name(ROBUST_METHOD, "how θ̂ was moved toward the mode (adam, lbfgs)"),
+            Name(ROBUST_STEPS, "Adam epochs or L-BFGS steps from θ̂ toward the mode"),
             Name(ROBUST_TIME, "time of the refinement and the second study", "s", "lower"),
             Name(ROBUST_BEFORE, "stationarity at θ̂", better="lower"),
             Name(ROBUST_AFTER, "stationarity after the refinement", better="lower"),

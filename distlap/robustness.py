@@ -60,6 +60,7 @@ def robustness(ft: FineTuned, study: Study, restudy: Callable[[float], Study], l
     finally:
         _restore(ft, theta_hat)
     out = {
+        names.ROBUST_METHOD: cfg.refine_method,
         names.ROBUST_STEPS: steps,
         names.ROBUST_TIME: t.seconds,
         names.ROBUST_BEFORE: before,

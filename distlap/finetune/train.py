@@ -285,10 +285,11 @@ def regime_note(cfg: TrainConfig) -> str:
             f"regime mode: L-BFGS after the epochs until ||grad log joint|| <= {cfg.stationarity_tol:g} "
             f"||grad NLL|| (at most {cfg.max_lbfgs_steps} steps); a trial that stops short says so"
         )
+    unit = {"adam": "Adam epochs", "lbfgs": "L-BFGS steps"}[cfg.refine_method]
     return (
         "regime posthoc (Laplace-LoRA's convention): the Laplace fit at the fine-tuned theta-hat, which is "
         "not a mode at weak priors; each trial records its stationarity and recomputes the layer-wise "
-        f"answer after {cfg.refine_steps} more L-BFGS steps toward the mode (robustness/...)"
+        f"answer after up to {cfg.refine_steps} more {unit} toward the mode (robustness/...)"
     )
 
 

@@ -60,14 +60,15 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
     draws. Each trial gets a fresh ``TPESampler`` (it keeps no state but its random stream).
     """
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    def __init__(self, seed: int, n_startup_trials: int = 10):
+        self.seed, self.n_startup_trials = seed, n_startup_trials
         self._current: tuple[int, optuna.samplers.TPESampler] | None = None
 
     def _tpe(self, trial: optuna.trial.FrozenTrial) -> optuna.samplers.TPESampler:
         if self._current is None or self._current[0] != trial.number:
             seed = int(np.random.SeedSequence([self.seed, trial.number]).generate_state(1)[0])
-            self._current = (trial.number, optuna.samplers.TPESampler(seed=seed))
+            tpe = optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.n_startup_trials)
+            self._current = (trial.number, tpe)
         return self._current[1]
 
     def infer_relative_search_space(self, study, trial):
@@ -102,7 +103,7 @@ def sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
     runs once."""
     if cfg.sampler == "grid":
         return _Grid({n: list(p.values) for n, p in cfg.space.items()}, seed=cfg.seed)
-    return TrialSeededTPE(cfg.seed)
+    return TrialSeededTPE(cfg.seed, cfg.startup_trials())
 
 
 def _has_trials(cfg: SearchConfig) -> bool:

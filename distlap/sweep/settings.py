@@ -44,6 +44,13 @@ class ResourcesConfig(_Strict):
     max_concurrent: int | None = Field(
         None, gt=0, description="Trials at once; None = as many placement groups as the cluster holds."
     )
+    checkpoint_every_s: float = Field(
+        30.0,
+        ge=0,
+        description="Mid-training checkpoints (and the epochs' curves in MLflow) when an epoch ends at "
+        "least this many seconds after the last one; 0 = after every epoch. A retried or preempted trial "
+        "repeats at most this much training.",
+    )
 
     @model_validator(mode="after")
     def _child_bundles_not_empty(self) -> ResourcesConfig:

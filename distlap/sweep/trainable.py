@@ -75,7 +75,7 @@ def _run(config: dict, sweep: SweepConfig, layer_subsets: tuple[str, ...] | None
             params={k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if k not in params},
             tags=provenance_tags(provenance()),
         )
-        ft, fitted = _fine_tuned(cfg, run, log)
+        ft, fitted = _fine_tuned(cfg, run, log, sweep.resources.checkpoint_every_s)
         log(
             "stage: MAP evaluation"
             if layer_subsets == ()
@@ -128,10 +128,33 @@ def _quiet_worker() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _fine_tuned(cfg: TrialConfig, run: TrialRun, log) -> tuple[FineTuned, dict | None]:
-    """Fine-tune, checkpointing after every epoch and at the end; a restarted trial (retry, resumed
-    sweep, preempted worker) continues from its latest checkpoint. Returns the trained model and a
-    restored Laplace fit (or None)."""
+class _EpochCheckpoints:
+    """After an epoch, at most every ``every_s`` seconds: the epochs' rows to MLflow and a mid-training
+    checkpoint (each costs a store write, which at a few tenths of a second per epoch was a tenth of a
+    small trial); ``flush`` sends the rows still pending."""
+
+    def __init__(self, ft: FineTuned, run: TrialRun, every_s: float):
+        self.ft, self.run, self.every_s = ft, run, every_s
+        self.pending: list[dict] = []
+        self.last = time.monotonic()
+
+    def __call__(self, row: dict, state: dict) -> None:
+        self.pending.append(row)
+        if time.monotonic() - self.last >= self.every_s:
+            self.flush()
+            checkpoints.report(self.ft, {"stage": "epoch", "epoch": row["epoch"]}, train_state=state)
+            self.last = time.monotonic()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.run.log_history(self.pending)
+            self.pending = []
+
+
+def _fine_tuned(cfg: TrialConfig, run: TrialRun, log, every_s: float = 0.0) -> tuple[FineTuned, dict | None]:
+    """Fine-tune, checkpointing after epochs (at most every ``every_s`` seconds) and at the end; a
+    restarted trial (retry, resumed sweep, preempted worker) continues from its latest checkpoint. Returns
+    the trained model and a restored Laplace fit (or None)."""
     restored = checkpoints.restore(cfg, log)
     if restored is not None and restored.trained:
         log("stage: restored the fine-tuned adapter from the trial checkpoint (no retraining)")
@@ -141,13 +164,15 @@ def _fine_tuned(cfg: TrialConfig, run: TrialRun, log) -> tuple[FineTuned, dict |
     resume = restored.train_state if restored is not None else None
     log(f"stage: fine-tuning (from epoch {len(resume['history']) + 1})" if resume else "stage: fine-tuning")
 
+    every = _EpochCheckpoints(ft, run, every_s)
+
     def epoch_done(row: dict, state: dict) -> None:
-        run.log_history([row])
-        checkpoints.report(ft, {"stage": "epoch", "epoch": row["epoch"]}, train_state=state)
+        every(row, state)
         if restored is None and row["epoch"] == int(os.environ.get(FAIL_AFTER_EPOCH, 0)):
             raise RuntimeError(f"{FAIL_AFTER_EPOCH}: injected failure after epoch {row['epoch']}")
 
     train(ft, log=log, on_epoch=epoch_done, resume=resume)
+    every.flush()
     if ft.train.status != "ok":
         write_trial(ft, record(ft, {}), Path(cfg.output_dir))
         raise TrialFailed(ft.train.message)

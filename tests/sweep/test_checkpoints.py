@@ -27,6 +27,7 @@ def _run(tmp_path, fake_fmnist_dir, tiny_vit_dir, fail_at, name):
                 "trial.data.classes=[5,6,7,8,9]",
                 "trial.train.epochs=3",
                 "trial.train.refine_steps=5",
+                "resources.checkpoint_every_s=0",  # a checkpoint after every epoch: the kill lands after 2
                 "trial.laplace.fit_examples=32",
                 "trial.laplace.n_bootstrap=20",
                 "trial.laplace.shapley_bootstrap=0",

@@ -242,7 +242,7 @@ def tiny_overrides(out: Path, fmnist_dir: Path) -> list[str]:
         "trial.data.max_val=60",
         "trial.data.max_test=60",
         "trial.train.epochs=1",
-        "trial.train.max_lbfgs_steps=10",
+        "trial.train.refine_steps=3",
         "trial.laplace.fit_examples=64",
         "trial.laplace.n_bootstrap=50",
         "trial.shift.corruptions=[gaussian_noise]",

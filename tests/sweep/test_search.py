@@ -93,6 +93,34 @@ def test_trial_seeded_tpe_draws_depend_on_the_trial_number_only():
     assert draws([0]) != draws([0], seed=1)
 
 
+def test_tpe_models_the_history_only_after_its_startup_trials():
+    """With 4 finished trials, a startup of 4 makes TPE model them (its proposals differ from the random
+    draws of the same seeds); a startup of 10 or 100 leaves it drawing at random (identical draws)."""
+    dist = {"x": optuna.distributions.FloatDistribution(1e-3, 1e3, log=True)}
+
+    def proposals(n_startup):
+        study = optuna.create_study(sampler=TrialSeededTPE(0, n_startup))
+        for x in (0.01, 2.5, 3.5, 500.0):
+            trial = optuna.trial.create_trial(params={"x": x}, distributions=dist, value=(x - 3) ** 2)
+            study.add_trial(trial)
+        out = []
+        for _ in range(4):
+            trial = study.ask(dist)
+            out.append(trial.params["x"])
+            study.tell(trial, (trial.params["x"] - 3) ** 2)
+        return out
+
+    assert proposals(10) == proposals(100)  # random search: the history is not read
+    assert proposals(4) != proposals(10)
+
+
+def test_startup_is_half_the_configurations_counted_once_per_seed():
+    assert SearchConfig(num_samples=12, seeds=[0, 1, 2]).startup_trials() == 6  # 4 configurations: 2
+    assert SearchConfig(num_samples=12, seeds=[0, 1, 2], startup=1).startup_trials() == 3
+    assert SearchConfig(num_samples=60).startup_trials() == 10  # Optuna's own default, capped there
+    assert SearchConfig(num_samples=1).startup_trials() == 1
+
+
 def test_points_to_evaluate_are_asked_first_and_count_once(tmp_path):
     """Enqueued points wait in the study until asked: they do not fill num_samples before that."""
     point = {"train.prior_precision": 10.0, "peft.rank": 4}

@@ -31,7 +31,7 @@ def _run_one(kind, tmp_path, fake_fmnist_dir, tiny_vit_dir, *overrides):
                 f"trial.backbone.name={tiny_vit_dir}",
                 "trial.data.classes=[5,6,7,8,9]",
                 "trial.train.epochs=1",
-                "trial.train.max_lbfgs_steps=5",
+                "trial.train.refine_steps=3",
                 "trial.laplace.fit_examples=32",
                 "trial.laplace.n_samples=2",
                 "trial.laplace.n_bootstrap=20",
@@ -99,3 +99,26 @@ def test_a_failing_trial_leaves_its_record(tmp_path, fake_fmnist_dir, tiny_vit_d
     assert record["status"] == "failed" and "non-finite training loss" in record["message"]
     run = MlflowClient(cfg.tracking.uri).get_run(run_id)
     assert run.info.status == "FAILED" and "non-finite" in run.data.tags[names.ERROR]
+
+
+@pytest.mark.parametrize("every_s, reported", [(0.0, [1, 2, 3]), (3600.0, [])])
+def test_epoch_checkpoints_at_most_every_so_often_and_every_row_reaches_mlflow(
+    monkeypatch, every_s, reported
+):
+    """every_s = 0: a checkpoint and a history write after each epoch; a long period: none mid-training,
+    and the rows still reach MLflow, at the flush that ends training."""
+    from distlap.sweep import checkpoints, trainable
+
+    seen, logged = [], []
+    monkeypatch.setattr(checkpoints, "report", lambda ft, metrics, train_state: seen.append(metrics["epoch"]))
+
+    class Run:
+        def log_history(self, rows):
+            logged.append([r["epoch"] for r in rows])
+
+    every = trainable._EpochCheckpoints(ft=None, run=Run(), every_s=every_s)
+    for epoch in (1, 2, 3):
+        every({"epoch": epoch}, state={})
+    every.flush()
+    assert seen == reported
+    assert sum(logged, []) == [1, 2, 3] and (len(logged) == 3 if every_s == 0 else logged == [[1, 2, 3]])
