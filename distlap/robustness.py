@@ -117,12 +117,16 @@ def _chosen(result: dict, candidates: list[str]) -> str:
     return max(candidates, key=lambda n: _tied(map_val - result["subsets"][n]["metrics"][val]))
 
 
+def _tau(tau: float) -> str:
+    return "n/a (every block tied)" if math.isnan(tau) else f"{tau:+.2f}"
+
+
 def summary_line(r: dict) -> str:
     """One line: how far the refinement moved θ̂ and whether the answer moved with it."""
     moved = "" if r[names.ROBUST_MOVED] else " (did not halve it: the answer's robustness is unmeasured)"
     return (
         f"robustness: {r[names.ROBUST_STEPS]} refinement steps, stationarity {r[names.ROBUST_BEFORE]:.2e} -> "
-        f"{r[names.ROBUST_AFTER]:.2e}{moved}; single-block ranking Kendall tau {r[names.ROBUST_TAU]:+.2f}, "
+        f"{r[names.ROBUST_AFTER]:.2e}{moved}; single-block ranking Kendall tau {_tau(r[names.ROBUST_TAU])}, "
         f"top block {'agrees' if r[names.ROBUST_TOP] else 'changes'}, best group "
         f"{ {True: 'agrees', False: 'changes', None: 'n/a'}[r[names.ROBUST_GROUP]] }, largest change of a "
         f"Δ_ECE {r[names.ROBUST_CHANGE]:.4f} ({r[names.ROBUST_TIME]:.0f}s)"

@@ -155,3 +155,19 @@ def test_ray_internals_are_reached_only_through_ray_compat():
             if private or (isinstance(node, ast.Attribute) and node.attr == "should_recover"):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} {private or 'should_recover'}")
     assert not found, f"go through distlap.sweep.ray_compat: {found}"
+
+
+def test_the_readme_is_a_guide_and_every_link_in_the_docs_resolves():
+    """README.md stays a short guide (reference lives in docs/); a relative link or image in it or in
+    docs/*.md that points at no file is a stale page."""
+    import re
+
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path = target.split("#", 1)[0]
+            if path and "://" not in path and not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
