@@ -113,11 +113,12 @@ def test_only_evaluates_the_named_subsets(trial):
 
 
 def test_block_updates_are_the_lora_factors_distance_from_the_prior_mean(trial):
-    """LoRA's prior mean is 0: block b's update is the norm of its LoRA factors, computed here directly."""
+    """Block b's update is ‖θ̂_b − θ₀_b‖ over its LoRA factors, θ₀ the trial's own prior mean (A at its
+    initialisation, B at 0), computed here directly."""
     result = run(trial, only=("all",))
     expected = [0.0] * 4
     for name, p in trial.model.named_parameters():
         if "lora_" in name:
             block = int(name.split("layers.")[1].split(".")[0])
-            expected[block] += float((p.detach() ** 2).sum())
+            expected[block] += float(((p.detach() - trial.prior.means[name]) ** 2).sum())
     assert result[names.BLOCK_UPDATE] == pytest.approx([v**0.5 for v in expected], rel=1e-6)
