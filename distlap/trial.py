@@ -200,9 +200,9 @@ def run_trial(cfg: TrialConfig, *, with_layerwise: bool = False, log=print) -> d
     """Fine-tune and evaluate one config (and the layer-wise study); write the files if ``output_dir``."""
     start = time.perf_counter()
     ft = prepare(cfg, log=log)
-    log(f"[distlap] {regime_note(cfg.train)}")
     if with_layerwise:
         check_subsets(ft)
+    log(f"[distlap] {regime_note(cfg.train)}")
     ft = train(ft, log=log)
     metrics = {}
     if ft.train.status == "ok":

@@ -22,6 +22,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 from collections.abc import Callable, Iterator
 
@@ -33,7 +34,7 @@ from distlap.finetune.backbones import BackboneError
 from distlap.finetune.data import DataError
 from distlap.sweep import ray_compat
 from distlap.sweep.settings import SweepConfig
-from distlap.sweep.stores import StoreError, store_fault
+from distlap.sweep.stores import DISK_ERRNOS, StoreError, store_fault
 from distlap.sweep.tracking import TrialRun
 from distlap.sweep.trainable import TrialFailed
 
@@ -95,29 +96,42 @@ def failure_policy(cfg: SweepConfig) -> Iterator[None]:
         return ray_compat.failures(trial) <= cfg.max_failures
 
     quiet = _QuietTune(cfg)
-    for name in ray_compat.TUNE_LOGGERS:
-        logging.getLogger(name).addFilter(quiet)
+    loggers = [logging.getLogger(name) for name in (*ray_compat.TUNE_LOGGERS, ray_compat.SYNC_LOGGER)]
+    for logger in loggers:
+        logger.addFilter(quiet)
     try:
         with ray_compat.retry_decision(should_recover):
             yield
     finally:
-        for name in ray_compat.TUNE_LOGGERS:
-            logging.getLogger(name).removeFilter(quiet)
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 class _QuietTune(logging.Filter):
     """Tune logs a failed trial's whole traceback, and its own resume hint (``Tuner.restore(...)``) when
-    the sweep is stopped; distlap prints one line for a store fault and its own ``--resume`` command."""
+    the sweep is stopped; distlap prints one line for a store fault and its own ``--resume`` command.
+    Ray's copy of a checkpoint into the output folder logs its traceback as text: a full, read-only or
+    failing disk there is said in one line (the fault stops the sweep where a store meets it)."""
 
     def __init__(self, cfg: SweepConfig):
         super().__init__()
         self.cfg = cfg
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if "Tuner.restore(" in record.getMessage():
+        message = record.getMessage()
+        if "Tuner.restore(" in message:
             return False
+        if record.name == ray_compat.SYNC_LOGGER:
+            disk = _DISK_ERROR.search(message)
+            if disk and int(disk["errno"]) in DISK_ERRNOS:
+                record.msg = f"Ray could not copy a checkpoint into {self.cfg.out}: {disk[0]}"
+                record.args = ()
+            return True
         error = record.exc_info[1] if record.exc_info else None
         return error is None or store_fault(error, self.cfg) is None
+
+
+_DISK_ERROR = re.compile(r"\[Errno (?P<errno>\d+)\][^\n]*")
 
 
 def replaying(trainable: Callable) -> Callable:

@@ -221,9 +221,12 @@ def store_fault(exc: BaseException, cfg: SweepConfig) -> StoreError | None:
     return None
 
 
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)  # a full, read-only or failing disk
+
+
 def _disk_fault(err: OSError, out: Path) -> bool:
     """A full, read-only or failing disk anywhere; a permission error only inside the output folder."""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+    if err.errno in DISK_ERRNOS:
         return True
     inside = err.filename is not None and str(err.filename).startswith(str(out))
     return err.errno in (errno.EACCES, errno.EPERM) and inside

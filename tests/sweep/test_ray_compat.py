@@ -131,7 +131,7 @@ def test_where_tune_keeps_a_trials_error():
         _expect(found == ["self"], f"expected Trial.{method}(self), found {found}", ERRORS)
 
 
-@pytest.mark.parametrize("name", ["TUNE_LOGGERS", "AUTH_LOGGER"])
+@pytest.mark.parametrize("name", ["TUNE_LOGGERS", "SYNC_LOGGER", "AUTH_LOGGER"])
 def test_the_loggers_are_the_modules_that_log(name):
     from distlap.sweep import ray_compat
 

@@ -130,3 +130,23 @@ def test_tunes_own_resume_hint_is_dropped_for_distlaps(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records] == ["Trials did not complete"]
     tune_log.warning("Resume experiment with: Tuner.restore(path='x')")  # outside a sweep: untouched
     assert len(caplog.records) == 2
+
+
+def test_a_failed_checkpoint_copy_to_a_full_disk_is_one_line(tmp_path, caplog):
+    """Ray's syncer logs a failed copy's traceback as text; a disk fault becomes one line, anything else
+    is kept whole."""
+    import logging
+
+    from distlap.sweep import ray_compat
+
+    cfg = resolve(SweepConfig(output_dir=str(tmp_path)))
+    sync_log = logging.getLogger(ray_compat.SYNC_LOGGER)
+    traceback = "Last sync command failed:\nTraceback (most recent call last):\n  File x\n"
+    full, other = traceback + "OSError: [Errno 28] Error writing bytes", traceback + "ValueError: bad path"
+    with recovery.failure_policy(cfg), caplog.at_level(logging.WARNING):
+        sync_log.warning(full)
+        sync_log.warning(other)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Ray could not copy a checkpoint into {cfg.out}: [Errno 28] Error writing bytes",
+        other,
+    ]

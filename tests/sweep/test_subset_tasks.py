@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from distlap.bayes.layerwise import Scoring
 from distlap.config import load_config
 from distlap.finetune.run import fine_tune
 from distlap.trial import layerwise
+from distlap.trial import scoring as trial_scoring
 
 QUIET = dict(log=lambda m: None)
 
@@ -44,7 +44,7 @@ def test_serial_and_ray_give_identical_numbers(trial):
     from distlap.sweep.subset_tasks import ray_nn_evaluator
 
     serial = layerwise(trial, **QUIET).result
-    scoring = Scoring(trial.cfg.n_bins, trial.cfg.laplace.n_bootstrap, trial.cfg.seed)
+    scoring = trial_scoring(trial)  # the serial run's own: the test set's bootstrap seed
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         parallel = layerwise(
@@ -70,7 +70,7 @@ def test_fractional_gpu_subset_tasks_match_the_in_process_result(fake_fmnist_dir
     trial = _trial(fake_fmnist_dir, tiny_vit_dir, "cuda")
     only = ["layer_0", "late", "all"]
     serial = layerwise(trial, only=only, **QUIET).result
-    scoring = Scoring(trial.cfg.n_bins, trial.cfg.laplace.n_bootstrap, trial.cfg.seed)
+    scoring = trial_scoring(trial)  # the serial run's own: the test set's bootstrap seed
     ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
     try:
         quarter = {"num_cpus": 1, "num_gpus": 0.25}
