@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from helpers import fake_images, make_tiny_vit, tiny_trial, write_idx
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -49,8 +54,10 @@ def offline_hub(monkeypatch):
 
 @pytest.fixture(scope="session")
 def fine_tuned(fake_fmnist_dir, tiny_vit_dir, tmp_path_factory):
-    """One LoRA fine-tuned tiny trial at its converged MAP (λ = 50), shared by the tests of what follows
-    fine-tuning: the layer-wise study, its predictives, the evaluation protocol."""
+    """One LoRA fine-tuned tiny trial (λ = 50, posthoc: θ̂ after its epochs, as a sweep's trial), shared
+    by the tests of what follows fine-tuning: the layer-wise study, its predictives, the evaluation
+    protocol. None of them needs a mode (they compare the code with laplace-torch or a naive reference at
+    the same θ̂); the mode regime has its own tests (tests/test_trial.py, tests/finetune/test_train.py)."""
     import torch
 
     from distlap.config import load_config
@@ -62,7 +69,7 @@ def fine_tuned(fake_fmnist_dir, tiny_vit_dir, tmp_path_factory):
             *tiny_trial(fake_fmnist_dir, tiny_vit_dir),
             "train.num_threads=1",
             "train.prior_precision=50",
-            "train.regime=mode",
+            "train.regime=posthoc",
             "laplace.fit_examples=64",
             "laplace.n_samples=4",
             "laplace.n_bootstrap=200",
@@ -73,6 +80,32 @@ def fine_tuned(fake_fmnist_dir, tiny_vit_dir, tmp_path_factory):
     ft = fine_tune(cfg, log=lambda m: None)
     assert ft.train.status == "ok"
     return ft
+
+
+# The shared smoke sweep: fixed points instead of TPE draws, so that it is the same sweep every time --
+# configurations A and B, each with seeds 0 and 1 (search.seeds: aggregated by the report).
+SMOKE_SWEEP = [
+    "search.num_samples=4",
+    "search.seeds=[0, 1]",
+    "resources.cpus_per_trial=0.5",  # all four at once on 2 cores
+    "search.points_to_evaluate=[{train.prior_precision: 10.0, peft.rank: 2}, "
+    "{train.prior_precision: 100.0, peft.rank: 4}]",
+]
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory) -> SimpleNamespace:
+    """One ``python sweeps/layerwise.py --smoke-test`` run as a user runs it (its own local Ray, in a
+    subprocess), shared by every test that only reads what a sweep leaves: the driver's end-to-end
+    checks, the report, the MLflow tree. ``.out`` is its folder, ``.log`` its console output. None of
+    them may change what the sweep recorded (copy the folder first, as the report's partial-sweep tests
+    do)."""
+    out = tmp_path_factory.mktemp("smoke") / "sweep"
+    cmd = [sys.executable, str(ROOT / "sweeps" / "layerwise.py"), "--smoke-test", "--output", str(out)]
+    proc = subprocess.run([*cmd, *SMOKE_SWEEP], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"the smoke sweep failed:\n{log[-6000:]}"
+    return SimpleNamespace(out=out, log=log)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -175,6 +175,7 @@ def test_embedded_default_on_real_fashion_mnist():
     assert result["metrics"][MAP_TEST["accuracy"]] > 0.75
 
 
+@pytest.mark.slow
 def test_the_map_is_stationary(fake_fmnist_dir, tiny_vit_dir, tmp_path):
     """With ``train.regime=mode`` the trial's θ* is a mode of the stated posterior: L-BFGS stops at the
     stationarity target, and the trial records how far it went."""

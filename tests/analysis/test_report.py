@@ -1,5 +1,6 @@
-"""The sweep report, built from a real smoke sweep (``python sweeps/layerwise.py --smoke-test``, 3 trials:
-two seeds of one configuration and one other configuration), read back from its files and MLflow."""
+"""The sweep report, built from the session's shared smoke sweep (``python sweeps/layerwise.py
+--smoke-test``, 4 trials: configurations A and B, each with seeds 0 and 1; tests/conftest.py), read back
+from its files and MLflow."""
 
 import base64
 import json
@@ -30,15 +31,6 @@ LOW, HIGH = names.interval(DELTA)
 TEST = names.scores("subset", "test")
 
 ROOT = Path(__file__).resolve().parents[2]
-# Fixed points instead of TPE draws, so the fixture is the same sweep every time: configurations A and B,
-# each with seeds 0 and 1 (search.seeds: aggregated by the report).
-SMOKE = [
-    "search.num_samples=4",
-    "search.seeds=[0, 1]",
-    "resources.cpus_per_trial=0.5",  # all four at once on 2 cores
-    "search.points_to_evaluate=[{train.prior_precision: 10.0, peft.rank: 2}, "
-    "{train.prior_precision: 100.0, peft.rank: 4}]",
-]
 FILES = [
     "lead_table.csv",
     "summary_table.csv",
@@ -65,13 +57,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def sweep_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("report") / "sweep"
-    script = ROOT / "sweeps" / "layerwise.py"
-    cmd = [sys.executable, str(script), "--smoke-test", "--output", str(out), *SMOKE]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"smoke sweep failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return out
+def sweep_dir(smoke_sweep) -> Path:
+    """The session's shared smoke sweep (tests/conftest.py): 4 trials, configurations A and B x seeds 0, 1."""
+    return smoke_sweep.out
 
 
 @pytest.fixture(scope="module")

@@ -75,13 +75,10 @@ def _check_tree(out: Path, n_trials: int, n_subsets: int) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-def test_smoke_sweep_end_to_end(tmp_path):
-    out = tmp_path / "smoke"
-    start = time.perf_counter()
-    proc = _sweep("--smoke-test", "--output", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert time.perf_counter() - start < 180
-    summary = _check_tree(out, n_trials=2, n_subsets=7)  # vit-mini: 3 blocks + early/mid/late/all
+def test_smoke_sweep_end_to_end(smoke_sweep):
+    """The session's shared smoke sweep (tests/conftest.py: 2 configurations x 2 seeds, all at once)."""
+    out = smoke_sweep.out
+    summary = _check_tree(out, n_trials=4, n_subsets=7)  # vit-mini: 3 blocks + early/mid/late/all
     assert (summary.status == "ok").all()
     runs = _runs(out)
     trial = runs["trial"][0]
@@ -101,7 +98,8 @@ def test_smoke_sweep_end_to_end(tmp_path):
     subset = next(r for r in runs["subset"] if r.data.tags["distlap.subset"] == "all")
     client = MlflowClient(load_sweep_config(out / "config.yaml").tracking.uri)
     assert [a.path for a in client.list_artifacts(subset.info.run_id)] == ["reliability_all.png"]
-    assert "stage: fine-tuning" in proc.stdout + proc.stderr  # progress names the stage
+    assert "stage: fine-tuning" in smoke_sweep.log  # progress names the stage
+    assert re.search(r"\[sweep\] finished in \d+:\d\d", smoke_sweep.log)  # and the sweep's wall time
     assert (out / "report" / "report.html").is_file()  # the analysis report is written at the end
 
 

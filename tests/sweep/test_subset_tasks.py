@@ -39,6 +39,7 @@ def trial(fake_fmnist_dir, tiny_vit_dir):
     return _trial(fake_fmnist_dir, tiny_vit_dir, "cpu")
 
 
+@pytest.mark.slow
 def test_serial_and_ray_give_identical_numbers(trial):
     ray = pytest.importorskip("ray")
     from distlap.sweep.subset_tasks import ray_nn_evaluator
