@@ -8,6 +8,7 @@ import functools
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,12 @@ def sweep(*args: str, timeout: float = 300, env: dict | None = None) -> subproce
 
 
 def start(log: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    """The sweep script in the background (its own session, as from a terminal), output in ``log``."""
+    """The sweep script in the background (its own session, as from a terminal), output in ``log``.
+
+    Its SIGINT is the default, as in a terminal's foreground job, whatever pytest's own is: a shell
+    starts a background job (``pytest ... &``) with SIGINT ignored, the children inherit that, and
+    Python then installs no KeyboardInterrupt handler, so Ctrl-C tests would see a sweep deaf to it.
+    """
     with open(log, "w") as f:
         return subprocess.Popen(
             [sys.executable, str(SCRIPT), *args],
@@ -49,7 +55,12 @@ def start(log: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
             cwd=ROOT,
             env={**os.environ, **(env or {})},
             start_new_session=True,
+            preexec_fn=_terminal_sigint,
         )
+
+
+def _terminal_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(proc: subprocess.Popen, log: Path, ready, timeout: float = 240) -> str:

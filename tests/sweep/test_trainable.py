@@ -13,8 +13,17 @@ from distlap.sweep.tracking import SweepTracker
 pytestmark = pytest.mark.slow
 
 
-def _run_one(kind, tmp_path, fake_fmnist_dir, tiny_vit_dir, *overrides):
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for this module's trials (started once, not once per test; shut down after them)."""
     import ray
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _run_one(kind, tmp_path, fake_fmnist_dir, tiny_vit_dir, *overrides):
     from ray import tune
 
     from distlap.sweep.kinds import trainable
@@ -47,21 +56,16 @@ def _run_one(kind, tmp_path, fake_fmnist_dir, tiny_vit_dir, *overrides):
         artifact_location=str(tmp_path / "mlartifacts"),
     )
     run_id = tracker.trial_run("t", run_name="trial-000", params={})
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        config = {"train.prior_precision": 10.0, "peft.rank": 2, names.RUN_ID: run_id}
-        tuner = tune.Tuner(
-            tune.with_parameters(trainable(cfg), sweep=cfg),
-            param_space=config,
-            run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name="one"),
-        )
-        result = tuner.fit()[0]
-    finally:
-        ray.shutdown()
-    return cfg, run_id, result
+    config = {"train.prior_precision": 10.0, "peft.rank": 2, names.RUN_ID: run_id}
+    tuner = tune.Tuner(
+        tune.with_parameters(trainable(cfg), sweep=cfg),
+        param_space=config,
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name="one"),
+    )
+    return cfg, run_id, tuner.fit()[0]
 
 
-def test_layerwise_trial_reports_writes_and_logs(tmp_path, fake_fmnist_dir, tiny_vit_dir):
+def test_layerwise_trial_reports_writes_and_logs(local_ray, tmp_path, fake_fmnist_dir, tiny_vit_dir):
     cfg, run_id, result = _run_one("layerwise", tmp_path, fake_fmnist_dir, tiny_vit_dir)
     assert result.error is None
     trial_dir = next((tmp_path / names.TRIALS_DIR).iterdir())
@@ -77,7 +81,7 @@ def test_layerwise_trial_reports_writes_and_logs(tmp_path, fake_fmnist_dir, tiny
     assert names.TRAIN_LOSS in run.data.metrics  # the training curve
 
 
-def test_peft_trial_without_laplace_reports_the_map(tmp_path, fake_fmnist_dir, tiny_vit_dir):
+def test_peft_trial_without_laplace_reports_the_map(local_ray, tmp_path, fake_fmnist_dir, tiny_vit_dir):
     cfg, _, result = _run_one("peft_methods", tmp_path, fake_fmnist_dir, tiny_vit_dir)
     assert result.error is None
     assert names.score("map", "test", "accuracy") in result.metrics
@@ -85,7 +89,7 @@ def test_peft_trial_without_laplace_reports_the_map(tmp_path, fake_fmnist_dir, t
     assert not list(tmp_path.glob(f"{names.TRIALS_DIR}/*/{names.LAYERWISE_FILE}"))
 
 
-def test_a_failing_trial_leaves_its_record(tmp_path, fake_fmnist_dir, tiny_vit_dir):
+def test_a_failing_trial_leaves_its_record(local_ray, tmp_path, fake_fmnist_dir, tiny_vit_dir):
     cfg, run_id, result = _run_one(
         "layerwise",
         tmp_path,
