@@ -13,7 +13,7 @@ and what moved. Elsewhere distlap reaches them only through this module.
   :func:`failures` and :func:`forgive_failure` read and lower the trial's count of failures.
 - A failed trial's exception: :func:`trial_error` reads it where Tune has just written it, and
   :func:`failure_message` says it in one line.
-- The loggers of Tune's failure reports (:data:`TUNE_LOGGERS`), of the copy of trial checkpoints into
+- The loggers of Tune's failure reports (:data:`TUNE_LOGGERS`), of Ray's copy of the sweep state into
   the output folder (:data:`SYNC_LOGGER`, which logs a failed copy's traceback as text) and of Ray's
   token notice (:data:`AUTH_LOGGER`), named after the modules that log them.
 """
@@ -31,7 +31,7 @@ from ray.tune.experiment.trial import Trial
 LOG_PRINTER = "ray_print_logs"  # the name ray._private.worker registers its printer under
 # Where Ray Tune logs a failed trial's traceback, a failed save of its state, and its resume hint.
 TUNE_LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state", "ray.tune.tune")
-SYNC_LOGGER = "ray.train._internal.syncer"  # copies trial checkpoints to the storage path
+SYNC_LOGGER = "ray.train._internal.syncer"  # copies the sweep state (experiment, checkpoints) to storage
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # a new local Ray's token notice
 
 LogRecord = dict  # one batch of a worker's output: pid, ip, is_err, lines, task_name (Ray's keys)

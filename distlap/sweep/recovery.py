@@ -110,7 +110,7 @@ def failure_policy(cfg: SweepConfig) -> Iterator[None]:
 class _QuietTune(logging.Filter):
     """Tune logs a failed trial's whole traceback, and its own resume hint (``Tuner.restore(...)``) when
     the sweep is stopped; distlap prints one line for a store fault and its own ``--resume`` command.
-    Ray's copy of a checkpoint into the output folder logs its traceback as text: a full, read-only or
+    Ray's copy of its sweep state into the output folder logs its traceback as text: a full, read-only or
     failing disk there is said in one line (the fault stops the sweep where a store meets it)."""
 
     def __init__(self, cfg: SweepConfig):
@@ -124,7 +124,7 @@ class _QuietTune(logging.Filter):
         if record.name == ray_compat.SYNC_LOGGER:
             disk = _DISK_ERROR.search(message)
             if disk and int(disk["errno"]) in DISK_ERRNOS:
-                record.msg = f"Ray could not copy a checkpoint into {self.cfg.out}: {disk[0]}"
+                record.msg = f"Ray could not copy its sweep state into {self.cfg.out}: {disk[0]}"
                 record.args = ()
             return True
         error = record.exc_info[1] if record.exc_info else None

@@ -132,7 +132,7 @@ def test_tunes_own_resume_hint_is_dropped_for_distlaps(tmp_path, caplog):
     assert len(caplog.records) == 2
 
 
-def test_a_failed_checkpoint_copy_to_a_full_disk_is_one_line(tmp_path, caplog):
+def test_a_failed_state_copy_to_a_full_disk_is_one_line(tmp_path, caplog):
     """Ray's syncer logs a failed copy's traceback as text; a disk fault becomes one line, anything else
     is kept whole."""
     import logging
@@ -147,6 +147,6 @@ def test_a_failed_checkpoint_copy_to_a_full_disk_is_one_line(tmp_path, caplog):
         sync_log.warning(full)
         sync_log.warning(other)
     assert [r.getMessage() for r in caplog.records] == [
-        f"Ray could not copy a checkpoint into {cfg.out}: [Errno 28] Error writing bytes",
+        f"Ray could not copy its sweep state into {cfg.out}: [Errno 28] Error writing bytes",
         other,
     ]
