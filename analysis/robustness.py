@@ -65,6 +65,7 @@ def robustness_lines(summary: dict | None) -> list[str]:
             f"The answer's robustness to θ̂ not being a mode is unmeasured: {how}, too little to test "
             "it; raise train.refine_steps."
         ]
+    told = how[0].upper() + how[1:]  # a sentence of its own below
     tau = "n/a" if s["mean_tau"] is None else f"{s['mean_tau']:+.2f}"
     per_seed = ", ".join(f"{t:+.2f}" if t == t else "n/a" for t in s["kendall_tau"])  # NaN: all tied
     facts = (
@@ -75,10 +76,10 @@ def robustness_lines(summary: dict | None) -> list[str]:
         f"{s['max_delta_ece_change']:.3f}"
     )
     if s["verdict"] == "survives":
-        return [f"The ranking survives further optimisation toward the mode: τ = {tau}. {how}; {facts}."]
+        return [f"The ranking survives further optimisation toward the mode: τ = {tau}. {told}; {facts}."]
     return [
         f"The ranking does NOT survive further optimisation toward the mode (τ = {tau}): read the blocks' "
-        f"order below as a property of where fine-tuning stopped, not of the posterior. {how}; {facts}."
+        f"order below as a property of where fine-tuning stopped, not of the posterior. {told}; {facts}."
     ]
 
 

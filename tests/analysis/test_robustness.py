@@ -26,7 +26,7 @@ def test_survives_when_every_seed_moved_and_agrees():
     assert s["verdict"] == "survives" and s["mean_tau"] == pytest.approx((0.87 + 0.73 + 1.0) / 3)
     assert s["max_delta_ece_change"] == 0.027 and s["n_moved"] == 3
     (line,) = robustness_lines(s)
-    assert line.startswith("The ranking survives further optimisation toward the mode: τ = +0.87.")
+    assert line.startswith("The ranking survives further optimisation toward the mode: τ = +0.87. Further ")
     assert "at least halved in 3 of 3 seeds" in line and "no Δ_ECE moved by more than 0.027" in line
 
 
@@ -42,7 +42,9 @@ def test_survives_when_every_seed_moved_and_agrees():
 def test_does_not_survive(trials):
     s = robustness_summary(trials)
     assert s["verdict"] == "does not survive"
-    assert robustness_lines(s)[0].startswith("The ranking does NOT survive further optimisation")
+    line = robustness_lines(s)[0]
+    assert line.startswith("The ranking does NOT survive further optimisation")
+    assert "not of the posterior. Further optimisation from θ̂ (" in line  # each sentence starts capitalised
 
 
 def test_unmeasured_when_nothing_moved_and_absent_without_records():
