@@ -10,9 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from helpers import fake_images, make_tiny_vit, tiny_trial, write_idx
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, fake_images, make_tiny_vit, tiny_trial, write_idx
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,17 @@ width-32 ViT. Importable as ``from helpers import ...`` (pytest puts ``tests/`` 
 from __future__ import annotations
 
 import gzip
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -99,3 +104,17 @@ def tiny_trial(fmnist_dir: Path, vit_dir: Path) -> list[str]:
         "train.batch_size=32",
         "train.lr=5e-3",
     ]
+
+
+def run_benchmark(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python benchmarks/<script> ARGS`` in ``cwd`` as a user runs it, on this checkout's distlap and
+    one thread (its figures are checked, not its speed); output captured, 10 minutes at most."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

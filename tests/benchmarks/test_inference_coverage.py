@@ -4,15 +4,12 @@ tiny size, ends with one line per design and writes its JSON (figures, settings,
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import run_benchmark
+
 LINE = re.compile(
     r"design=(single|crossed|nested) coverage_ece=[01]\.\d{3} coverage_nll=[01]\.\d{3} fwer=[01]\.\d{3} "
     r"power10=[01]\.\d{3} power18=[01]\.\d{3}"
@@ -21,16 +18,9 @@ LINE = re.compile(
 
 @pytest.mark.slow
 def test_quick_run_prints_one_line_per_design_and_writes_its_json(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # this checkout's distlap
     out, results = tmp_path / "runs", tmp_path / "results"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "inference_coverage.py"), "--quick"]
-        + ["--out", str(out), "--results", str(results)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run = run_benchmark(
+        "inference_coverage.py", "--quick", "--out", str(out), "--results", str(results), cwd=tmp_path
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     last = run.stdout.strip().splitlines()[-3:]

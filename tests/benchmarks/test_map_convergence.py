@@ -5,17 +5,12 @@ from θ̂, a longer Adam lowers it from the same start)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from helpers import tiny_trial
+from helpers import run_benchmark, tiny_trial
 
-ROOT = Path(__file__).resolve().parents[2]
 LINE = re.compile(
     r"map_convergence: method=(adam|adam_long|adam\+adam|adam\+lbfgs) lambda=(\S+) iterations=(\d+) "
     r"seconds=[\d.]+ stationarity=\S+ objective=\S+"
@@ -24,17 +19,9 @@ LINE = re.compile(
 
 @pytest.mark.slow
 def test_tiny_run_prints_every_method_and_writes_its_json(tmp_path, fake_fmnist_dir, tiny_vit_dir):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # this checkout's distlap
     args = ["--lambdas", "10", "1000", "--lbfgs-steps", "20", "--long", "2", "--refine-epochs", "3"]
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "map_convergence.py"), *args, "--out", str(tmp_path)]
-        + [*tiny_trial(fake_fmnist_dir, tiny_vit_dir), "data.max_train=120"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    trial = [*tiny_trial(fake_fmnist_dir, tiny_vit_dir), "data.max_train=120"]
+    run = run_benchmark("map_convergence.py", *args, "--out", str(tmp_path), *trial, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = [LINE.fullmatch(x) for x in run.stdout.splitlines() if x.startswith("map_convergence: method")]
     assert all(lines) and len(lines) == 8

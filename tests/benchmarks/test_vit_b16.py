@@ -4,14 +4,12 @@ every figure, the goals, the settings it ran with and where it came from."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import ROOT, run_benchmark
+
 FIGURES = {
     "finetune_images_per_s",
     "finetune_peak_gib",
@@ -32,23 +30,7 @@ FIGURES = {
 
 @pytest.mark.slow
 def test_tiny_scale_runs_and_writes_its_figures_with_provenance(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # this checkout's distlap
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "vit_b16.py"),
-            "--scale",
-            "tiny",
-            "--nn",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=tmp_path,
-    )
+    run = run_benchmark("vit_b16.py", "--scale", "tiny", "--nn", "--out", str(tmp_path), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     (path,) = tmp_path.glob("vit_b16-*.json")
     record = json.loads(path.read_text())
