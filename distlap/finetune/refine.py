@@ -45,17 +45,19 @@ def refine(
         update={"epochs": cfg.refine_steps, "lr": cfg.refine_lr, "warmup_fraction": 0.0, "regime": "posthoc"}
     )
     every = max(1, cfg.refine_steps // 6)  # each check is a full pass; mid-schedule it rarely passes
-    done = {"epochs": 0}
+    done = {"epochs": 0, "stationarity": None}
 
     def check(row: dict, _state: dict) -> None:
         done["epochs"] = row["epoch"]
-        if row["epoch"] % every == 0 and stationarity(model, ordered, prior, device) <= target:
-            raise _Reached
+        if row["epoch"] % every == 0:
+            done["stationarity"] = stationarity(model, ordered, prior, device)
+            if done["stationarity"] <= target:
+                raise _Reached
 
     try:
         result = fit_map(model, shuffled, None, budget, device, prior=prior, on_epoch=check)
     except _Reached:
-        return done["epochs"], stationarity(model, ordered, prior, device)
+        return done["epochs"], done["stationarity"]  # measured at that epoch's end: the point returned
     if result.status != "ok":
         raise FloatingPointError(f"the refinement from theta-hat failed: {result.message}")
     return done["epochs"], result.stationarity
