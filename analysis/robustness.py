@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from distlap import names
+from distlap.config import REFINE_UNITS
 
 TAU_SURVIVES = 0.6  # a mean Kendall τ this high: at most 20% of the block pairs swap, on average
 
@@ -86,9 +87,7 @@ def robustness_lines(summary: dict | None) -> list[str]:
 def _unit(rows: list[dict]) -> str:
     """What a refinement step was (Adam epochs or L-BFGS steps), as the trials recorded it."""
     methods = {r.get(names.ROBUST_METHOD) for r in rows} - {None}
-    return {frozenset({"adam"}): "Adam epochs", frozenset({"lbfgs"}): "L-BFGS steps"}.get(
-        frozenset(methods), "steps"
-    )
+    return REFINE_UNITS[methods.pop()] if len(methods) == 1 else "steps"
 
 
 def _at_least(value: float | None, bound: float) -> bool:

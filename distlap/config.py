@@ -82,6 +82,9 @@ class PeftConfig(_Strict):
     )
 
 
+REFINE_UNITS = {"adam": "Adam epochs", "lbfgs": "L-BFGS steps"}  # what one unit of train.refine_steps is
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(3, gt=0)
     batch_size: int = Field(64, gt=0)

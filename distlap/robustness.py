@@ -29,12 +29,12 @@ from scipy.stats import kendalltau
 
 from distlap import names
 from distlap.bayes.layerwise import Study
+from distlap.config import REFINE_UNITS
 from distlap.finetune.refine import refine
 from distlap.finetune.run import FineTuned
 from distlap.runtime import Timer
 
 GROUPS = ("early", "mid", "late")
-_UNITS = {"adam": "epochs", "lbfgs": "L-BFGS steps"}
 RESOLUTION = 1e-3  # Δ_ECE differences below this are ties: far below what a test set of 10^3 resolves
 
 
@@ -48,7 +48,7 @@ def robustness(ft: FineTuned, study: Study, restudy: Callable[[float], Study], l
     target = max(cfg.refine_to * before, cfg.stationarity_tol)
     log(
         f"[distlap] robustness: {cfg.refine_method} from theta-hat, at most {cfg.refine_steps} "
-        f"{_UNITS[cfg.refine_method]}, until stationarity <= {target:.2e}"
+        f"{REFINE_UNITS[cfg.refine_method]}, until stationarity <= {target:.2e}"
     )
     try:
         with Timer() as t:

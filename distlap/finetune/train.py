@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from distlap import metrics, names
-from distlap.config import TrainConfig
+from distlap.config import REFINE_UNITS, TrainConfig
 from distlap.runtime import autocast, predict
 
 
@@ -285,11 +285,11 @@ def regime_note(cfg: TrainConfig) -> str:
             f"regime mode: L-BFGS after the epochs until ||grad log joint|| <= {cfg.stationarity_tol:g} "
             f"||grad NLL|| (at most {cfg.max_lbfgs_steps} steps); a trial that stops short says so"
         )
-    unit = {"adam": "Adam epochs", "lbfgs": "L-BFGS steps"}[cfg.refine_method]
     return (
         "regime posthoc (Laplace-LoRA's convention): the Laplace fit at the fine-tuned theta-hat, which is "
         "not a mode at weak priors; each trial records its stationarity and recomputes the layer-wise "
-        f"answer after up to {cfg.refine_steps} more {unit} toward the mode (robustness/...)"
+        f"answer after up to {cfg.refine_steps} more {REFINE_UNITS[cfg.refine_method]} toward the mode "
+        "(robustness/...)"
     )
 
 
