@@ -25,6 +25,7 @@ machine); the README quotes a copy kept in ``benchmarks/results/``.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -79,12 +80,16 @@ def run_lbfgs(ft, max_steps: int) -> dict:
 
 
 def run_adam_refine(ft, epochs: int) -> dict:
-    """Adam continued from ``ft``'s current point for ``epochs`` at ``train.refine_lr`` (no early stop)."""
+    """Adam continued from ``ft``'s current point for ``epochs`` at ``train.refine_lr`` (no early stop);
+    the model is back at that point afterwards, for the next method."""
     cfg = ft.cfg.train.model_copy(update={"refine_method": "adam", "refine_steps": epochs})
     loaders = (ft.loader("train", batch_size=cfg.batch_size, shuffle=True), ft.loader("train"))
+    theta_hat = copy.deepcopy(ft.model.state_dict())
     start = time.perf_counter()
     steps, _ = refine(ft.model, loaders, ft.prior, cfg, ft.device, target=0.0)
-    return {"iterations": steps, "seconds": time.perf_counter() - start, **point(ft)}
+    row = {"iterations": steps, "seconds": time.perf_counter() - start, **point(ft)}
+    ft.model.load_state_dict(theta_hat)
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     for lam in args.lambdas:
         ft, adam = run_adam(lam, None, args.overrides)
         long_ = run_adam(lam, ft.cfg.train.epochs * args.long, args.overrides)[1]
-        again = run_adam_refine(run_adam(lam, None, args.overrides)[0], args.refine_epochs)
+        again = run_adam_refine(ft, args.refine_epochs)  # from θ̂, which L-BFGS then starts from too
         lbfgs = run_lbfgs(ft, args.lbfgs_steps)
         figures[f"{lam:g}"] = {"adam": adam, "adam_long": long_, "adam+adam": again, "adam+lbfgs": lbfgs}
         for method, row in figures[f"{lam:g}"].items():
