@@ -20,9 +20,8 @@ through the REAL code: :func:`distlap.ranking.trial_replicates` (the paired boot
 (design detected from the test-set identity, :func:`distlap.seed_intervals.pool`), the lead table's marginal
 interval (:meth:`distlap.seed_intervals.Pooled.interval`) and :func:`distlap.ranking.family`.
 
-Settings that differ from a trial's defaults, for time (one core, about 10 minutes): R = 200 example
-resamples per seed (``laplace.n_bootstrap`` is 1000; 200 is the least the max-|t| family of 19 rows
-accepts) and 20 000 Monte-Carlo draws of max |T| per family (``ranking.MC_DRAWS`` is 50 000).
+One setting differs from a trial's defaults, for time (one core, about 10 minutes): R = 200 example
+resamples per seed (``laplace.n_bootstrap`` is 1000).
 
 Printed per design: coverage of the 95% intervals of Δ_ECE and Δ_NLL (all 19 rows, and the planted row),
 the family-wise error rate of the calls among the null rows (vs the MAP and pairs, families of 10 and 18)
@@ -77,8 +76,7 @@ class World:
 @dataclass(frozen=True)
 class Settings:
     reps: int = 500
-    n_resamples: int = 200  # R per seed: 10 x the 19 rows, the least the max-|t| family accepts
-    draws: int = 20_000  # Monte-Carlo draws of max |T| per family (protocol: ranking.MC_DRAWS)
+    n_resamples: int = 200  # R per seed (a trial's laplace.n_bootstrap is 1000)
     population: int = 400_000  # M, examples of the population functions
     seed: int = 0
     level: float = 0.95
@@ -202,12 +200,13 @@ def _judge(records: list[dict], truth_delta: dict, settings: Settings) -> dict:
     ece = laws["ece"]
     nulls = [n for n in ece.names if n != "planted"]
     for m in FAMILIES:
-        kw = dict(level=settings.level, draws=settings.draws)
-        vs = ranking.family(ece, ranking.versus_map(ece.names, nulls[:m]), **kw)
-        pairs = ranking.family(ece, ranking.pairs(ece.names, nulls[:m]), **kw)
+        vs = ranking.family(ece, ranking.versus_map(ece.names, nulls[:m]), settings.level)
+        pairs = ranking.family(ece, ranking.pairs(ece.names, nulls[:m]), settings.level)
         out[f"fwer_vs_map_{m}"] = any(row["distinguishable"] for row in vs["rows"])
         out[f"fwer_pairs_{m}"] = any(row["distinguishable"] for row in pairs["rows"])
-        power = ranking.family(ece, ranking.versus_map(ece.names, ["planted", *nulls[: m - 1]]), **kw)
+        power = ranking.family(
+            ece, ranking.versus_map(ece.names, ["planted", *nulls[: m - 1]]), settings.level
+        )
         row = next(r for r in power["rows"] if r["name"] == "planted")
         out[f"power_{m}"] = bool(row["distinguishable"] and row["estimate"] > 0)
     return out
@@ -285,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    settings = Settings(reps=4, population=20_000, draws=2_000) if args.quick else Settings()
+    settings = Settings(reps=4, population=20_000) if args.quick else Settings()
     if args.reps:
         settings = Settings(**{**asdict(settings), "reps": args.reps})
     world, start = World(), time.perf_counter()

@@ -126,8 +126,8 @@ def _all_probs(study: Study, fitted: Baselines, loader: DataLoader) -> tuple[dic
 def inference(probs: dict[str, torch.Tensor], labels: torch.Tensor, ft: FineTuned, study: Study) -> dict:
     """``result["inference"]``: paired bootstrap replicates of every predictive's improvement over the MAP
     on test (ECE, NLL, accuracy; two-level for nn sample sets), and from them which predictives are
-    distinguishable from the MAP and from each other (:func:`distlap.ranking.trial_inference`: single-step
-    max-|t| p-values and simultaneous intervals that agree). The example resamples are seeded by the test
+    distinguishable from the MAP and from each other (:func:`distlap.ranking.trial_inference`: Bonferroni-t
+    p-values and simultaneous intervals that agree). The example resamples are seeded by the test
     set and its identity is recorded, so that seeds sharing a test set pool as crossed and seeds with their
     own test draw (``data.max_test``) as nested (:func:`distlap.seed_intervals.pool`)."""
     n_bins, la = ft.cfg.n_bins, ft.cfg.laplace
