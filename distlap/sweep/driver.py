@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +32,7 @@ from distlap.sweep.settings import SweepConfig, load_sweep_config, max_concurren
 from distlap.sweep.stores import StoreError, check_stores, client_env, store_fault
 from distlap.sweep.study import summarize
 from distlap.sweep.tracking import SweepTracker, flatten, provenance_tags
+from distlap.sweep.worker_setup import WORKER_SETUP
 
 # Ray Tune saves the experiment (trials, searcher) at most this often; a killed driver loses less.
 CHECKPOINT_PERIOD_S = "2"
@@ -192,27 +192,6 @@ def _check_output(cfg: SweepConfig, resume: bool) -> None:
             f"{cfg.out} already holds a sweep; continue it with --resume --output {cfg.out} "
             "or choose another --output"
         )
-
-
-def quiet_worker() -> None:
-    """In a Ray worker: keep Python's report of exceptions it cannot raise, except ``SystemExit``.
-
-    Ray's SIGTERM handler raises ``SystemExit`` wherever the worker is; inside a weakref callback or a
-    ``__del__`` Python cannot raise it and prints "Exception ignored ... Traceback ... SystemExit: 1"
-    instead (seen when Tune stops a finished trial's worker). What the worker does next is unchanged;
-    only that traceback, which no one can act on, is not printed. Any other exception still is.
-    """
-    default = sys.__unraisablehook__
-
-    def hook(unraisable) -> None:
-        if not isinstance(unraisable.exc_value, SystemExit):
-            default(unraisable)
-
-    sys.unraisablehook = hook
-
-
-# Run by Ray in every worker of the sweep (named, not pickled: the workers import it themselves).
-WORKER_SETUP = f"{quiet_worker.__module__}.{quiet_worker.__name__}"
 
 
 def _connect(address: str | None) -> bool:
