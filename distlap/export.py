@@ -27,6 +27,7 @@ from distlap.config import ConfigError, load_config
 from distlap.finetune.backbones import BackboneError
 from distlap.finetune.data import DataError
 from distlap.serve.build import Source, build
+from distlap.serve.bundle import Spec
 from distlap.serve.predictor import Predictor
 from distlap.sweep.models import Registration, data_folder, register, save_pyfunc
 from distlap.sweep.settings import SweepConfig, load_sweep_config, sqlite_path
@@ -195,9 +196,9 @@ def plan(req: Request) -> tuple[SweepConfig, Source, dict, str]:
     return sweep, Source(folder, cfg, subset, blocks, origin), row, where
 
 
-def write(source: Source, output: Path) -> float:
+def write(source: Source, output: Path) -> Spec:
     """Build the predictor and the MLflow model in a staging folder beside ``output``, load it once, then
-    move it to ``output``; returns λ."""
+    move it to ``output``; returns its spec."""
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
@@ -209,13 +210,14 @@ def write(source: Source, output: Path) -> float:
         (staging / "model").rename(output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return spec.prior_precision
+    return spec
 
 
 def export(req: Request, log=print) -> str:
     """Check, write, register; returns the registered model's ``name/version``."""
     sweep, source, row, where = plan(req)
-    lam = write(source, req.output)
+    spec = write(source, req.output)
+    lam = spec.prior_precision
     name = f"distlap-{sweep.search.study_name or req.sweep.name}"
     tags = {k: str(v) for k, v in row.items()}
     tags |= {names.TRIAL_ID: source.origin[names.TRIAL_ID], names.SUBSET: source.subset}
@@ -224,7 +226,10 @@ def export(req: Request, log=print) -> str:
     version = register(req.output, reg)
     log(f"[export] {source.origin['chosen_by']}: trial {tags[names.TRIAL_ID]}, subset {source.subset}")
     log(f"[export] registered as {name} version {version} in {reg.uri}")
-    log(f"load: mlflow.pyfunc.load_model({str(req.output.resolve())!r}).predict(images)  # uint8 images")
+    height, width, channels = spec.input_shape
+    shape = f"(B, {height}, {width}{', 3' if channels == 3 else ''})"
+    load = f"mlflow.pyfunc.load_model({str(req.output.resolve())!r}).predict(images)"
+    log(f"load: {load}  # images: uint8 {shape}")
     return f"{name}/{version}"
 
 

@@ -9,6 +9,7 @@ verified before anything is loaded. Nothing here imports Ray, Optuna or MLflow.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,9 @@ def network(folder: Path) -> LogitsModel:
 
     hf_logging.set_verbosity_error()
     backbone = AutoModelForImageClassification.from_pretrained(folder / BACKBONE_DIR)
-    return LogitsModel(PeftModel.from_pretrained(backbone, folder / ADAPTER_DIR)).eval()
+    with warnings.catch_warnings():  # peft's own use of a deprecated transformers name
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return LogitsModel(PeftModel.from_pretrained(backbone, folder / ADAPTER_DIR)).eval()
 
 
 def _load_pyfunc(data_path: str) -> Predictor:
