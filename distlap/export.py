@@ -92,16 +92,25 @@ def trial_results(sweep: Path, trial: str) -> tuple[Path, dict]:
     if not folder.is_dir():
         known = sorted(p.name for p in (sweep / names.TRIALS_DIR).iterdir() if p.is_dir())
         raise ExportError(f"no trial {trial!r} in {sweep / names.TRIALS_DIR} (it holds {', '.join(known)})")
-    needed = [names.TRIAL_FILE, names.LAYERWISE_FILE, names.POSTERIOR_FILE, "adapter/adapter_config.json"]
+    needed = [names.TRIAL_FILE, names.LAYERWISE_FILE, "adapter/adapter_config.json"]
     missing = [n for n in needed if not (folder / n).is_file()]
-    status = json.loads((folder / names.TRIAL_FILE).read_text()).get("status") if not missing else "ok"
+    status = None if missing else json.loads((folder / names.TRIAL_FILE).read_text()).get("status")
     if missing or status != "ok":
         why = f"{missing[0]} is missing" if missing else f"its status is {status!r}"
         raise ExportError(
-            f"trial {trial} has no results to export ({why}: it failed, has not finished, or ran before "
-            "trials saved their posterior); choose another with --trial"
+            f"trial {trial} has no results to export ({why}: it failed or has not finished); "
+            "choose another with --trial"
         )
     return folder, json.loads((folder / names.LAYERWISE_FILE).read_text())
+
+
+def check_posterior(folder: Path, trial: str) -> None:
+    """The trial saved its glm posterior (trials before that file existed did not)."""
+    if not (folder / names.POSTERIOR_FILE).is_file():
+        raise ExportError(
+            f"trial {trial} has no {names.POSTERIOR_FILE} (it ran before trials saved their glm posterior): "
+            "run the sweep again, or choose another trial with --trial"
+        )
 
 
 def subset_blocks(trial: str, results: dict, subset: str) -> tuple[int, ...]:
@@ -187,6 +196,7 @@ def plan(req: Request) -> tuple[SweepConfig, Source, dict, str]:
     trial, subset = selection(req, summary)
     folder, results = trial_results(req.sweep, trial)
     blocks = subset_blocks(trial, results, subset)
+    check_posterior(folder, trial)
     check_output(req.output)
     check_registry(sweep)
     row, where = lead_row(req.sweep, summary, trial, subset, results)

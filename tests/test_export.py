@@ -138,6 +138,16 @@ def test_a_trial_without_results_is_refused(capsys, exported):
     assert not out.exists()
 
 
+def test_a_trial_from_before_the_posterior_was_saved_is_refused(capsys, exported):
+    trial = exported.sweep / names.TRIALS_DIR / exported.spec["origin"][names.TRIAL_ID]
+    old = Path(shutil.copytree(trial, exported.sweep / names.TRIALS_DIR / "older"))
+    (old / names.POSTERIOR_FILE).unlink()
+    out = exported.root / "refused-older"
+    rc, err = run_cli(capsys, exported.sweep, "--output", out, "--trial", "older")
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert f"trial older has no {names.POSTERIOR_FILE}" in err and not out.exists()
+
+
 def test_an_unknown_subset_is_refused(capsys, exported):
     out = exported.root / "refused-subset"
     rc, err = run_cli(capsys, exported.sweep, "--output", out, "--subset", "layer_99")
