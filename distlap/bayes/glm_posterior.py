@@ -65,7 +65,7 @@ def from_predictive(predictive: GLMPredictive, n_blocks: int) -> GLMPosterior:
     by_id = {id(p): n for n, p in predictive.model.named_parameters()}
     grid = torch.as_tensor([predictive.prior_precision], dtype=torch.float32)
     terms = tuple(
-        (tuple(q.detach().float().cpu().contiguous() for q in basis), inv.detach().cpu().contiguous())
+        (tuple(q.detach().float().cpu().clone() for q in basis), inv.detach().cpu().clone())
         for basis, inv in posterior_terms(predictive.la, grid)
     )
     return GLMPosterior(
