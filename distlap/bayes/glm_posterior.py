@@ -65,7 +65,7 @@ def from_predictive(predictive: GLMPredictive, n_blocks: int) -> GLMPosterior:
     by_id = {id(p): n for n, p in predictive.model.named_parameters()}
     grid = torch.as_tensor([predictive.prior_precision], dtype=torch.float32)
     terms = tuple(
-        (tuple(q.detach().float().cpu().clone() for q in basis), inv.detach().cpu().clone())
+        (tuple(_own(q.detach().float()) for q in basis), _own(inv.detach()))
         for basis, inv in posterior_terms(predictive.la, grid)
     )
     return GLMPosterior(
@@ -75,6 +75,11 @@ def from_predictive(predictive: GLMPredictive, n_blocks: int) -> GLMPosterior:
         float(predictive.prior_precision),
         n_blocks,
     )
+
+
+def _own(t: Tensor) -> Tensor:
+    """A contiguous CPU copy with storage of its own (safetensors refuses views and shared storage)."""
+    return t.cpu().contiguous().clone()
 
 
 def save(posterior: GLMPosterior, path: Path) -> Path:
