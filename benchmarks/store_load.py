@@ -1,7 +1,7 @@
 """Load on the sweep's stores: many tiny trials at once, then every write checked in the stores themselves.
 
 python benchmarks/store_load.py [--quick] [--trials 24] [--concurrency 8] [--postgres auto|yes|no]
-                                [--out DIR] [--results DIR]
+                                [--sweeps DIR] [--out DIR] [--results DIR]
 
 Runs the real sweep (``python sweeps/layerwise.py --smoke-test``) with ``--trials`` trials made as
 tiny as the config allows, ``--concurrency`` of them at once on a local Ray (``cpus_per_trial`` =
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--postgres", choices=("auto", "yes", "no"), default="auto", help="auto: where initdb is installed"
     )
+    parser.add_argument("--sweeps", type=Path, help="where the sweeps go (default: a new temporary folder)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmarks")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         args.trials, args.concurrency, args.postgres = 4, 2, "no"
     if args.postgres == "yes" and not postgres_bin("initdb"):
         parser.error("--postgres yes: PostgreSQL's programs are not installed (apt-get install postgresql)")
-    folder = Path(tempfile.mkdtemp(prefix="store_load-"))  # the sweeps, kept for a look
+    folder = args.sweeps or Path(tempfile.mkdtemp(prefix="store_load-"))  # kept for a look
+    folder.mkdir(parents=True, exist_ok=True)
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}  # this checkout's distlap in the sweep too
     results = [run_one("sqlite", folder / "sqlite", args, [], env)]

@@ -18,10 +18,9 @@ LINE = re.compile(
 
 @pytest.mark.slow
 def test_quick_run_finds_every_write_once_and_writes_its_json(tmp_path):
-    out, results = tmp_path / "runs", tmp_path / "results"
-    run = run_benchmark(
-        "store_load.py", "--quick", "--out", str(out), "--results", str(results), cwd=tmp_path
-    )
+    out, results, sweeps = tmp_path / "runs", tmp_path / "results", tmp_path / "sweeps"
+    args = ("--quick", "--sweeps", str(sweeps), "--out", str(out), "--results", str(results))
+    run = run_benchmark("store_load.py", *args, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     last = run.stdout.strip().splitlines()[-1]
     assert LINE.fullmatch(last).groups() == ("0", "0", "0"), last
@@ -35,3 +34,4 @@ def test_quick_run_finds_every_write_once_and_writes_its_json(tmp_path):
     assert sqlite["checked"]["subset run"] == 4 * 7 and sqlite["checked"]["optuna trial"] == 4
     assert sqlite["checked"]["artifact"] == 2 + 4 * (2 + 7)
     assert "git_commit" in record["provenance"]
+    assert (sweeps / "sqlite" / "mlflow.db").is_file() and (sweeps / "sqlite" / "optuna.db").is_file()
