@@ -241,6 +241,29 @@ def best_subset(subsets: pd.DataFrame, results: list[dict]) -> tuple[str, str]:
     return _first_best(chosen, VAL_DELTA, ascending=False), "validation"
 
 
+def selection(table: pd.DataFrame, results: list[dict], trial_ids: list[str]) -> dict | None:
+    """What the report selects for deployment (``python -m distlap.export``): the reference
+    configuration's first trial with results and the best subset chosen on validation, with the lead
+    table's row of that subset; None without subsets or results."""
+    subsets = table[table[BLOCKS].notna()] if BLOCKS in table else table.iloc[:0]
+    if subsets.empty or not results:
+        return None
+    best, on = best_subset(subsets, results)
+    row = subsets[subsets["name"] == best].iloc[0].drop("name")
+    return {
+        names.TRIAL_ID: trial_ids[0],
+        names.SUBSET: best,
+        "chosen_on": on,
+        "lead_row": {k: (list(v) if k == BLOCKS else _plain(v)) for k, v in row.items()},
+    }
+
+
+def _plain(value):
+    """A JSON-safe scalar: numpy -> Python, NaN -> None."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and np.isnan(value) else value
+
+
 def _best_vs_temperature(table: pd.DataFrame, results: list[dict]) -> list[str]:
     """The best subset (chosen on validation) against temperature scaling on test: the marginal interval of
     their paired difference (:meth:`distlap.seed_intervals.Pooled.contrast`)."""

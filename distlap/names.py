@@ -343,6 +343,7 @@ CONFIG_FILE = "config.yaml"  # the validated config (what --resume reads)
 SUMMARY_FILE = "summary.csv"  # one row per trial of a sweep
 TRIAL_FILE = "trial_result.json"  # one trial's status, metrics, history, config, provenance
 LAYERWISE_FILE = "layer_wise_results.json"  # one trial's Laplace fit and every subset's row
+POSTERIOR_FILE = "glm_posterior.safetensors"  # one trial's glm posterior at its λ (what an export needs)
 TRIALS_DIR = "trials"  # <sweep>/trials/<ray trial id>/
 RAY_DIR = "ray_results"
 REPORT_DIR = "report"

@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from distlap import intervals, names, protocol
+from distlap.bayes import glm_posterior
 from distlap.bayes.evaluate import split_scores
 from distlap.bayes.layers import layer_subsets, num_blocks
 from distlap.bayes.layerwise import LaplaceData, NNEvaluator, Scoring, Study, run_layerwise, write_results
+from distlap.bayes.predictors import GLMPredictive
 from distlap.bayes.switch_off import switch_off_test
 from distlap.config import ConfigError, TrialConfig, load_config, to_yaml
 from distlap.finetune.backbones import BackboneError
@@ -191,6 +193,16 @@ def write_trial(ft: FineTuned, trial_record: dict, out: Path) -> None:
         save_adapter(ft, out / ADAPTER_DIR)
 
 
+def write_posterior(study: Study, out: Path) -> None:
+    """``glm_posterior.safetensors``: the glm study's posterior of every block at its global λ, what an
+    exported predictor needs (``python -m distlap.export``); nothing for the ``nn`` predictive."""
+    if isinstance(study.predictive, GLMPredictive):
+        n_blocks = num_blocks(study.predictive.model)
+        glm_posterior.save(
+            glm_posterior.from_predictive(study.predictive, n_blocks), out / names.POSTERIOR_FILE
+        )
+
+
 def check_subsets(ft: FineTuned) -> None:
     """The user's ``laplace.subsets`` name blocks the backbone has: a ValueError before any training."""
     layer_subsets(num_blocks(ft.model), ft.cfg.laplace.subsets)
@@ -213,6 +225,7 @@ def run_trial(cfg: TrialConfig, *, with_layerwise: bool = False, log=print) -> d
             metrics.update(laplace_metrics(result))
             if cfg.output_dir:
                 write_results(result, Path(cfg.output_dir))
+                write_posterior(study, Path(cfg.output_dir))
     trial_record = record(ft, {**metrics, **costs(ft, time.perf_counter() - start)})
     if cfg.output_dir:
         write_trial(ft, trial_record, Path(cfg.output_dir))

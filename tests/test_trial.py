@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from distlap import names
+from distlap.bayes import glm_posterior
 from distlap.config import load_config
 from distlap.names import LAYERWISE_FILE, TRIAL_FILE
 from distlap.trial import laplace_metrics, main, run_trial
@@ -95,6 +96,10 @@ def test_layerwise_flag_adds_the_laplace_stage(fake_fmnist_dir, tiny_vit_dir, tm
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     result = json.loads((out / LAYERWISE_FILE).read_text())
+    posterior = glm_posterior.load(out / names.POSTERIOR_FILE)  # what an export needs, at the study's λ
+    assert (
+        set(posterior.blocks) == {0, 1, 2, 3} and posterior.prior_precision == result[names.PRIOR_PRECISION]
+    )
     every = result["subsets"]["all"]["metrics"]
     assert printed[names.score("bayes", "test", "ece")] == every[names.score("subset", "test", "ece")]
     assert printed[names.delta("bayes", "test")] == every[names.delta("subset", "test")]

@@ -20,7 +20,8 @@ its tokens (``distlap.bayes.curvature.PER_EXAMPLE``): C backward passes per batc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +33,8 @@ from distlap.bayes.curvature import PER_EXAMPLE
 from distlap.bayes.layers import block_index
 from distlap.metrics import stacked_scores
 
-Rotate = Callable[[Tensor], Tensor]  # per-example gradient (n, *shape) -> its coordinates (n, numel)
-Term = tuple[Rotate | None, Tensor]  # (rotation or None = identity, inverse eigenvalues (G, numel))
+# (eigenbasis of Sigma_t: () = the identity, (Q,) or (Q1, Q2); inverse eigenvalues (G, numel))
+Term = tuple[tuple[Tensor, ...], Tensor]
 
 
 @dataclass
@@ -63,13 +64,13 @@ def param_blocks(model: nn.Module, la) -> list[int]:
 
 
 def _diag_terms(la: DiagLaplace, prior_precisions: Tensor | None) -> list[Term]:
-    """diag: Sigma_t = 1 / (factor h_t + lambda), per tensor (G, numel); rotation is the identity."""
+    """diag: Sigma_t = 1 / (factor h_t + lambda), per tensor (G, numel); the eigenbasis is the identity."""
     if prior_precisions is None:
         inv = (1 / la.posterior_precision)[None]  # (1, P), laplace-torch's own
     else:
         curv = la._H_factor * la.H  # (P,)
         inv = 1 / (curv[None] + prior_precisions[:, None].to(curv))  # (G, P)
-    return [(None, part) for part in inv.split([p.numel() for p in la.params], dim=1)]
+    return [((), part) for part in inv.split([p.numel() for p in la.params], dim=1)]
 
 
 def _kron_terms(la: KronLaplace, prior_precisions: Tensor | None) -> list[Term]:
@@ -88,21 +89,24 @@ def _kron_terms(la: KronLaplace, prior_precisions: Tensor | None) -> list[Term]:
         eig = torch.outer(ls[0], ls[1]).flatten() if len(ls) == 2 else ls[0]  # (numel,)
         if eig.numel() != p.numel():
             raise ValueError(f"Kronecker factors of size {eig.numel()} for a tensor of {p.numel()}")
-        terms.append((_eigenbasis(Qs), torch.pow(eig[None] + delta[:, None], -1)))  # inv: (G, numel)
+        terms.append((tuple(Qs), torch.pow(eig[None] + delta[:, None], -1)))  # inv: (G, numel)
     return terms
 
 
-def _eigenbasis(Qs: Sequence[Tensor]) -> Rotate:
-    """Coordinates of per-example gradients (n, *shape) in the eigenbasis Q1 x Q2 (or Q): (n, numel)."""
-    if len(Qs) == 1:
-        return lambda g: g.flatten(1) @ Qs[0].to(g)
-    q1, q2 = Qs
-    return lambda g: (q1.T.to(g) @ g.reshape(-1, len(q1), len(q2)) @ q2.to(g)).flatten(1)  # vec(Q1^T G Q2)
+def rotate(g: Tensor, basis: Sequence[Tensor]) -> Tensor:
+    """Coordinates of per-example gradients (n, *shape) in the eigenbasis Q1 x Q2 (or Q, or the identity
+    for ``()``): (n, numel)."""
+    if not basis:
+        return g.flatten(1)
+    if len(basis) == 1:
+        return g.flatten(1) @ basis[0].to(g)
+    q1, q2 = basis
+    return (q1.T.to(g) @ g.reshape(-1, len(q1), len(q2)) @ q2.to(g)).flatten(1)  # vec(Q1^T G Q2)
 
 
 def posterior_terms(la, prior_precisions: Tensor | None = None) -> list[Term]:
-    """Per parameter tensor of ``la`` (flat order): (rotation into Sigma_t's eigenbasis, inverse
-    eigenvalues (G, numel)), so that J Sigma_t J^T = sum_k (rotate(J))_k^2 inv_k for each grid point."""
+    """Per parameter tensor of ``la`` (flat order): (Sigma_t's eigenbasis, inverse eigenvalues (G, numel)),
+    so that J Sigma_t J^T = sum_k (rotate(J, basis))_k^2 inv_k for each grid point."""
     if isinstance(la, DiagLaplace):
         return _diag_terms(la, prior_precisions)
     if isinstance(la, KronLaplace):
@@ -156,9 +160,9 @@ def _batch_variances(model, x, owners, terms, blocks, n_blocks) -> tuple[Tensor,
             for attr, value in PER_EXAMPLE[type(module)](a, g.detach(), module).items():
                 key = (id(module), attr)  # modules called twice: sum
                 per_example[key] = per_example[key] + value if key in per_example else value
-        for (module, attr), (rotate, inv), b in zip(owners, terms, blocks, strict=True):
+        for (module, attr), (basis, inv), b in zip(owners, terms, blocks, strict=True):
             jac = per_example[(id(module), attr)]  # (n, *shape): row c of J_t
-            coords = jac.flatten(1) if rotate is None else rotate(jac)  # (n, numel)
+            coords = rotate(jac, basis)  # (n, numel)
             out[:, :, b, c] += (coords.pow(2) @ inv.T).T  # (G, n)
     return f.detach().float(), out.float()
 
@@ -184,23 +188,47 @@ def glm_pass(
         raise ValueError(f"{len(blocks)} block indices for {len(la.params)} posterior tensors")
     owners, n_blocks = _owners(model, la.params), max(blocks) + 1
     model.eval().to(device)
-    terms = [(rot, inv.to(device)) for rot, inv in posterior_terms(la, grid)]
-    chosen = {id(p) for p in la.params}
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in saved:
-        p.requires_grad_(id(p) in chosen)  # only the posterior's tensors build a graph
+    terms = [(basis, inv.to(device)) for basis, inv in posterior_terms(la, grid)]
     logits, variances, labels = [], [], []
-    try:
+    with _graph_through(model, la.params):
         for x, y in loader:
             f, v = _batch_variances(model, x.to(device), owners, terms, blocks, n_blocks)
             logits.append(f.cpu())
             variances.append(v.cpu())
             labels.append(y)
+    v = torch.cat(variances, dim=1)  # (G, N, B, C)
+    return GLMPass(torch.cat(logits), v if grid is not None else v[0], torch.cat(labels), grid)
+
+
+@contextmanager
+def _graph_through(model: nn.Module, params: Sequence[Tensor]) -> Iterator[None]:
+    """Only ``params`` require grad inside (only the posterior's tensors build a graph); restored after."""
+    chosen = {id(p) for p in params}
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(id(p) in chosen)
+    try:
+        yield
     finally:
         for p, flag in saved:
             p.requires_grad_(flag)
-    v = torch.cat(variances, dim=1)  # (G, N, B, C)
-    return GLMPass(torch.cat(logits), v if grid is not None else v[0], torch.cat(labels), grid)
+
+
+def batch_pass(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    terms: Sequence[Term],
+    blocks: Sequence[int],
+    x: Tensor,
+    n_blocks: int,
+) -> tuple[Tensor, Tensor]:
+    """MAP logits (n, C) and per-block logit variances (n, B, C), on the CPU, of one batch ``x`` under the
+    posterior ``terms`` (one λ, G = 1) of ``params`` (tensors of ``model``; ``blocks[i]`` the block of
+    ``params[i]``): :func:`glm_pass` for a saved posterior (:mod:`distlap.bayes.glm_posterior`)."""
+    model.eval()
+    with _graph_through(model, params):
+        f, v = _batch_variances(model, x, _owners(model, params), list(terms), list(blocks), n_blocks)
+    return f.cpu(), v[0].cpu()
 
 
 # ------------------------------------------------------------------------- subsets of the table

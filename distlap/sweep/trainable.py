@@ -32,6 +32,7 @@ from distlap.trial import (
     layerwise,
     map_metrics,
     record,
+    write_posterior,
     write_trial,
 )
 from distlap.trial import scoring as trial_scoring
@@ -105,6 +106,7 @@ def _laplace_stage(ft: FineTuned, sweep: SweepConfig, only, run: TrialRun, fitte
     result = evaluate(ft, study, log=log) if only is None else study.result
     out = Path(cfg.output_dir)
     write_results(result, out)
+    write_posterior(study, out)
     run.log_subsets(result, out / "plots")
     run.log_artifact(out / names.LAYERWISE_FILE)
     _log_attribution(run, result.get("attribution"))

@@ -150,6 +150,23 @@ def test_the_best_subset_is_chosen_on_validation():
     assert "temperature scaling calibrates better than all" in line
 
 
+def test_the_selection_for_export_is_the_validation_best_subset_of_the_first_trial():
+    """What ``python -m distlap.export`` exports by default: the subset validation prefers ('all', worse
+    on test), in the reference configuration's first trial, with its lead-table row."""
+    results = [_result(s) for s in range(2)]
+    for r in results:
+        for name, value in (("layer_0", 0.01), ("layer_1", 0.0), ("all", 0.02)):
+            r["subsets"][name]["metrics"][VAL] = value
+    table = lead.lead_table(results)
+    chosen = lead.selection(table, results, ["first", "second"])
+    assert chosen[names.TRIAL_ID] == "first" and chosen[names.SUBSET] == "all"
+    assert chosen["chosen_on"] == "validation" and chosen["lead_row"][names.BLOCKS] == [0, 1]
+    col = names.split_delta("test", "ece")
+    row = table.set_index("name").loc["all"]
+    assert chosen["lead_row"][col] == row[col] and chosen["lead_row"][col + "_low"] == row[col + "_low"]
+    assert lead.selection(table.iloc[:0], results, ["first"]) is None
+
+
 def test_results_without_replicates_say_so():
     old = _result(0)
     del old["inference"]

@@ -73,6 +73,7 @@ def test_layerwise_trial_reports_writes_and_logs(local_ray, tmp_path, fake_fmnis
     assert record["status"] == "ok" and record["config"]["peft"]["rank"] == 2
     assert result.metrics[cfg.search.metric] == record["metrics"][cfg.search.metric]
     assert (trial_dir / names.LAYERWISE_FILE).is_file() and (trial_dir / "adapter").is_dir()
+    assert (trial_dir / names.POSTERIOR_FILE).is_file()  # the glm posterior, for python -m distlap.export
     assert result.checkpoint is not None  # the fine-tuned adapter, for a retry or a resumed sweep
     run = MlflowClient(cfg.tracking.uri).get_run(run_id)
     assert run.info.status == "FINISHED"
