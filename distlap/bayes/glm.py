@@ -15,6 +15,11 @@ Per-example Jacobian rows come from module hooks: for each class c one backward 
 the gradient at every hooked module output, and a layer's per-example parameter gradient is a sum over
 its tokens (``distlap.bayes.curvature.PER_EXAMPLE``): C backward passes per batch, memory bounded by the batch
 (never N x C x P, never a Jacobian of a whole chunk).
+
+The posterior side (:func:`prepare_pass`: each tensor's eigenbasis and inverse eigenvalues over the λ
+grid, the tensors' names in the model and their blocks) is separate from the data pass (:func:`run_pass`),
+which finds its tensors by name: a pass can run on a deserialised copy of the model (a Ray task), and a
+:data:`PassRunner` decides how the data are passed (default :func:`run_pass`, in this process).
 """
 
 from __future__ import annotations
@@ -88,16 +93,25 @@ def _kron_terms(la: KronLaplace, prior_precisions: Tensor | None) -> list[Term]:
         eig = torch.outer(ls[0], ls[1]).flatten() if len(ls) == 2 else ls[0]  # (numel,)
         if eig.numel() != p.numel():
             raise ValueError(f"Kronecker factors of size {eig.numel()} for a tensor of {p.numel()}")
-        terms.append((_eigenbasis(Qs), torch.pow(eig[None] + delta[:, None], -1)))  # inv: (G, numel)
+        terms.append((Eigenbasis(tuple(Qs)), torch.pow(eig[None] + delta[:, None], -1)))  # inv: (G, numel)
     return terms
 
 
-def _eigenbasis(Qs: Sequence[Tensor]) -> Rotate:
-    """Coordinates of per-example gradients (n, *shape) in the eigenbasis Q1 x Q2 (or Q): (n, numel)."""
-    if len(Qs) == 1:
-        return lambda g: g.flatten(1) @ Qs[0].to(g)
-    q1, q2 = Qs
-    return lambda g: (q1.T.to(g) @ g.reshape(-1, len(q1), len(q2)) @ q2.to(g)).flatten(1)  # vec(Q1^T G Q2)
+@dataclass(frozen=True)
+class Eigenbasis:
+    """Coordinates of per-example gradients (n, *shape) in the eigenbasis Q1 x Q2 (or Q): (n, numel),
+    vec(Q1^T G Q2). A class, not a closure, so that prepared terms pickle (Ray's object store)."""
+
+    qs: tuple[Tensor, ...]
+
+    def __call__(self, g: Tensor) -> Tensor:
+        if len(self.qs) == 1:
+            return g.flatten(1) @ self.qs[0].to(g)
+        q1, q2 = self.qs
+        return (q1.T.to(g) @ g.reshape(-1, len(q1), len(q2)) @ q2.to(g)).flatten(1)
+
+    def to(self, device: torch.device) -> Eigenbasis:
+        return Eigenbasis(tuple(q.to(device) for q in self.qs))
 
 
 def posterior_terms(la, prior_precisions: Tensor | None = None) -> list[Term]:
@@ -110,21 +124,50 @@ def posterior_terms(la, prior_precisions: Tensor | None = None) -> list[Term]:
     raise ValueError(f"{type(la).__name__}: only DiagLaplace and KronLaplace are block-diagonal over tensors")
 
 
+@dataclass(frozen=True)
+class PreparedPass:
+    """The posterior side of a pass: for each posterior tensor (laplace-torch's flat order) its name in
+    the model, its transformer block and its :data:`Term`; ``grid`` the λ of the terms' rows (None: the
+    Laplace object's own prior). Plain tensors and names: it pickles, apart from the model."""
+
+    names: tuple[str, ...]
+    blocks: tuple[int, ...]
+    terms: tuple[Term, ...]
+    grid: Tensor | None
+
+    def to(self, device: torch.device) -> PreparedPass:
+        """The same terms on ``device``."""
+        terms = tuple((None if r is None else r.to(device), inv.to(device)) for r, inv in self.terms)
+        return PreparedPass(self.names, self.blocks, terms, self.grid)
+
+
+def prepare_pass(
+    model: nn.Module, la, blocks: Sequence[int], prior_precisions: Tensor | Sequence[float] | None = None
+) -> PreparedPass:
+    """:class:`PreparedPass` of ``la`` (posterior over tensors of ``model``) at ``prior_precisions``."""
+    grid = None if prior_precisions is None else torch.as_tensor(prior_precisions, dtype=torch.float32)
+    if len(blocks) != len(la.params):
+        raise ValueError(f"{len(blocks)} block indices for {len(la.params)} posterior tensors")
+    names = {id(p): n for n, p in model.named_parameters()}
+    missing = [i for i, p in enumerate(la.params) if id(p) not in names]
+    if missing:
+        raise ValueError(f"posterior tensors {missing} are not parameters of the model; fit la on it")
+    terms = posterior_terms(la, grid)
+    return PreparedPass(tuple(names[id(p)] for p in la.params), tuple(blocks), tuple(terms), grid)
+
+
 # ------------------------------------------------------------------------------ the Jacobian pass
 
 
-def _owners(model: nn.Module, params: Sequence[Tensor]) -> list[tuple[nn.Module, str]]:
-    """The module that holds each parameter directly, and its attribute name."""
-    where = {}
-    for name, module in model.named_modules():
-        for attr, p in module.named_parameters(recurse=False):
-            where.setdefault(id(p), (name, module, attr))
+def _owners(model: nn.Module, names: Sequence[str]) -> list[tuple[nn.Module, str]]:
+    """The module that holds each named parameter directly, and its attribute name."""
     owners = []
-    for p in params:
-        name, module, attr = where[id(p)]
+    for name in names:
+        path, _, attr = name.rpartition(".")
+        module = model.get_submodule(path)
         if type(module) not in PER_EXAMPLE:
             raise ValueError(
-                f"{name}.{attr} belongs to a {type(module).__name__}; the GLM pass covers "
+                f"{name} belongs to a {type(module).__name__}; the GLM pass covers "
                 f"{', '.join(t.__name__ for t in PER_EXAMPLE)} only"
             )
         owners.append((module, attr))
@@ -170,6 +213,7 @@ def glm_pass(
     loader: DataLoader,
     device: torch.device,
     prior_precisions: Tensor | Sequence[float] | None = None,
+    run: PassRunner | None = None,
 ) -> GLMPass:
     """MAP logits and per-block GLM logit variances of every example of ``loader``, in one pass.
 
@@ -178,21 +222,26 @@ def glm_pass(
     are used); ``blocks[i]`` is the transformer block of ``la.params[i]``. With ``prior_precisions``
     (G,) the variances are returned for each scalar lambda_g: (G, N, B, C). Runs in the dtype of the
     model and of ``la`` (fp32 in distlap; no autocast); logits and variances are returned in fp32.
+    ``run`` passes the data (default :func:`run_pass`, in this process; the sweep's runs shards as
+    Ray tasks); every runner returns the examples in ``loader``'s order.
     """
-    grid = None if prior_precisions is None else torch.as_tensor(prior_precisions, dtype=torch.float32)
-    if len(blocks) != len(la.params):
-        raise ValueError(f"{len(blocks)} block indices for {len(la.params)} posterior tensors")
-    owners, n_blocks = _owners(model, la.params), max(blocks) + 1
+    prepared = prepare_pass(model, la, blocks, prior_precisions)
+    return (run or run_pass)(model, prepared, loader, device)
+
+
+def run_pass(model: nn.Module, prepared: PreparedPass, loader: DataLoader, device: torch.device) -> GLMPass:
+    """The data side of :func:`glm_pass`: ``prepared``'s tensors found in ``model`` by name."""
+    owners, n_blocks = _owners(model, prepared.names), max(prepared.blocks) + 1
     model.eval().to(device)
-    terms = [(rot, inv.to(device)) for rot, inv in posterior_terms(la, grid)]
-    chosen = {id(p) for p in la.params}
+    terms = [(rot, inv.to(device)) for rot, inv in prepared.terms]
+    chosen = {id(model.get_parameter(n)) for n in prepared.names}
     saved = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in saved:
         p.requires_grad_(id(p) in chosen)  # only the posterior's tensors build a graph
     logits, variances, labels = [], [], []
     try:
         for x, y in loader:
-            f, v = _batch_variances(model, x.to(device), owners, terms, blocks, n_blocks)
+            f, v = _batch_variances(model, x.to(device), owners, terms, prepared.blocks, n_blocks)
             logits.append(f.cpu())
             variances.append(v.cpu())
             labels.append(y)
@@ -200,7 +249,12 @@ def glm_pass(
         for p, flag in saved:
             p.requires_grad_(flag)
     v = torch.cat(variances, dim=1)  # (G, N, B, C)
+    grid = prepared.grid
     return GLMPass(torch.cat(logits), v if grid is not None else v[0], torch.cat(labels), grid)
+
+
+# (model, prepared posterior, loader, the trial's device) -> the pass over the loader, in its order
+PassRunner = Callable[[nn.Module, PreparedPass, DataLoader, torch.device], GLMPass]
 
 
 # ------------------------------------------------------------------------- subsets of the table
