@@ -69,3 +69,70 @@ def test_a_study_with_ray_shards_gives_the_serial_rows(fine_tuned, local_ray):
     assert len(passes) == 3  # the predictive's pass ran as tasks too
     for name in only:
         torch.testing.assert_close(yours.subsets[name], mine.subsets[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_glm_trial_with_eval_tasks_runs_its_passes_in_its_child_bundle(
+    local_ray, tmp_path, fake_fmnist_dir, tiny_vit_dir
+):
+    """Through Ray Tune with the sweep's placement group (a trial bundle and one child bundle on this
+    2-CPU Ray): the shard tasks fit the child bundle (a task escaping it would wait forever), and the
+    trial ends with its results, shift and OOD included."""
+    import json
+
+    from ray import tune
+
+    from distlap import names
+    from distlap.sweep.driver import trial_resources
+    from distlap.sweep.kinds import trainable
+    from distlap.sweep.settings import load_sweep_config, resolve
+    from distlap.sweep.tracking import SweepTracker
+
+    cfg = resolve(
+        load_sweep_config(
+            overrides=[
+                f"output_dir={tmp_path}",
+                "search.num_samples=1",
+                "resources.eval_tasks=1",
+                f"trial.data.path={fake_fmnist_dir}",
+                f"trial.backbone.name={tiny_vit_dir}",
+                "trial.data.classes=[5,6,7,8,9]",
+                "trial.train.epochs=1",
+                "trial.laplace.fit_examples=32",
+                "trial.laplace.n_bootstrap=20",
+                "trial.laplace.shapley_bootstrap=0",
+            ]
+        )
+    )
+    tracker = SweepTracker.open(
+        cfg.tracking.uri, cfg.tracking.experiment, "s", run_name="s", artifact_location=str(tmp_path / "a")
+    )
+    config = {
+        "train.prior_precision": 10.0,
+        "peft.rank": 2,
+        names.RUN_ID: tracker.trial_run("t", run_name="t0", params={}),
+    }
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(trainable(cfg), sweep=cfg), trial_resources(cfg)),
+        param_space=config,
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name="one"),
+    )
+    result = tuner.fit()[0]
+    assert result.error is None
+    trial_dir = next((tmp_path / names.TRIALS_DIR).iterdir())
+    layerwise = json.loads((trial_dir / names.LAYERWISE_FILE).read_text())
+    assert layerwise["shift"] and layerwise["subsets"]["all"]["metrics"]
+
+
+def test_the_trainable_hands_glm_trials_the_shard_runner():
+    """eval_tasks > 0: glm trials get ``run_glm`` (nn trials keep their subset evaluator); 0: neither."""
+    from types import SimpleNamespace
+
+    from distlap.sweep.settings import load_sweep_config
+    from distlap.sweep.trainable import _task_runners
+
+    ft = SimpleNamespace(cfg=load_sweep_config().trial)  # glm, the default
+    assert _task_runners(ft, load_sweep_config(overrides=["resources.eval_tasks=2"]), QUIET).keys() == {
+        "run_glm"
+    }
+    assert _task_runners(ft, load_sweep_config(), QUIET) == {}
