@@ -62,7 +62,8 @@ def ray_glm_runner(tasks: int, task_resources: dict[str, float], log) -> PassRun
             task.remote(*shared, _Shard(lo, hi, loader.batch_size, loader.collate_fn, device, threads))
             for lo, hi in bounds
         ]
-        log(f"[distlap] glm pass: {len(loader.dataset)} examples in {len(futures)} Ray tasks ({resources})")
+        count = f"{len(futures)} Ray task{'s' * (len(futures) > 1)}"
+        log(f"[distlap] glm pass: {len(loader.dataset)} examples in {count} ({resources})")
         return concat_passes(ray.get(futures))  # in the shards' order, however they finished
 
     return run
