@@ -17,6 +17,7 @@ from pathlib import Path
 from distlap import intervals, names, protocol
 from distlap.bayes import glm_posterior
 from distlap.bayes.evaluate import split_scores
+from distlap.bayes.glm import PassRunner
 from distlap.bayes.layers import layer_subsets, num_blocks
 from distlap.bayes.layerwise import LaplaceData, NNEvaluator, Scoring, Study, run_layerwise, write_results
 from distlap.bayes.predictors import GLMPredictive
@@ -51,6 +52,7 @@ def layerwise(
     *,
     only: Sequence[str] | None = None,
     evaluate_nn: NNEvaluator | None = None,
+    run_glm: PassRunner | None = None,
     fitted: dict | None = None,
     on_fit=None,
     log=print,
@@ -66,6 +68,7 @@ def layerwise(
         scoring=scoring(ft),
         only=only,
         evaluate_nn=evaluate_nn,
+        run_glm=run_glm,
         fitted=fitted,
         on_fit=on_fit,
         log=log,

@@ -15,12 +15,17 @@ Per-example Jacobian rows come from module hooks: for each class c one backward 
 the gradient at every hooked module output, and a layer's per-example parameter gradient is a sum over
 its tokens (``distlap.bayes.curvature.PER_EXAMPLE``): C backward passes per batch, memory bounded by the batch
 (never N x C x P, never a Jacobian of a whole chunk).
+
+The posterior side (:func:`prepare_pass`: each tensor's eigenbasis and inverse eigenvalues over the λ
+grid, the tensors' names in the model and their blocks) is separate from the data pass (:func:`run_pass`),
+which finds its tensors by name: a pass can run on a deserialised copy of the model (a Ray task), and a
+:data:`PassRunner` decides how the data are passed (default :func:`run_pass`, in this process).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -114,21 +119,50 @@ def posterior_terms(la, prior_precisions: Tensor | None = None) -> list[Term]:
     raise ValueError(f"{type(la).__name__}: only DiagLaplace and KronLaplace are block-diagonal over tensors")
 
 
+@dataclass(frozen=True)
+class PreparedPass:
+    """The posterior side of a pass: for each posterior tensor (laplace-torch's flat order) its name in
+    the model, its transformer block and its :data:`Term`; ``grid`` the λ of the terms' rows (None: the
+    Laplace object's own prior). Plain tensors and names: it pickles, apart from the model."""
+
+    names: tuple[str, ...]
+    blocks: tuple[int, ...]
+    terms: tuple[Term, ...]
+    grid: Tensor | None
+
+    def to(self, device: torch.device) -> PreparedPass:
+        """The same terms on ``device``."""
+        terms = tuple((tuple(q.to(device) for q in basis), inv.to(device)) for basis, inv in self.terms)
+        return PreparedPass(self.names, self.blocks, terms, self.grid)
+
+
+def prepare_pass(
+    model: nn.Module, la, blocks: Sequence[int], prior_precisions: Tensor | Sequence[float] | None = None
+) -> PreparedPass:
+    """:class:`PreparedPass` of ``la`` (posterior over tensors of ``model``) at ``prior_precisions``."""
+    grid = None if prior_precisions is None else torch.as_tensor(prior_precisions, dtype=torch.float32)
+    if len(blocks) != len(la.params):
+        raise ValueError(f"{len(blocks)} block indices for {len(la.params)} posterior tensors")
+    names = {id(p): n for n, p in model.named_parameters()}
+    missing = [i for i, p in enumerate(la.params) if id(p) not in names]
+    if missing:
+        raise ValueError(f"posterior tensors {missing} are not parameters of the model; fit la on it")
+    terms = posterior_terms(la, grid)
+    return PreparedPass(tuple(names[id(p)] for p in la.params), tuple(blocks), tuple(terms), grid)
+
+
 # ------------------------------------------------------------------------------ the Jacobian pass
 
 
-def _owners(model: nn.Module, params: Sequence[Tensor]) -> list[tuple[nn.Module, str]]:
-    """The module that holds each parameter directly, and its attribute name."""
-    where = {}
-    for name, module in model.named_modules():
-        for attr, p in module.named_parameters(recurse=False):
-            where.setdefault(id(p), (name, module, attr))
+def _owners(model: nn.Module, names: Sequence[str]) -> list[tuple[nn.Module, str]]:
+    """The module that holds each named parameter directly, and its attribute name."""
     owners = []
-    for p in params:
-        name, module, attr = where[id(p)]
+    for name in names:
+        path, _, attr = name.rpartition(".")
+        module = model.get_submodule(path)
         if type(module) not in PER_EXAMPLE:
             raise ValueError(
-                f"{name}.{attr} belongs to a {type(module).__name__}; the GLM pass covers "
+                f"{name} belongs to a {type(module).__name__}; the GLM pass covers "
                 f"{', '.join(t.__name__ for t in PER_EXAMPLE)} only"
             )
         owners.append((module, attr))
@@ -174,6 +208,7 @@ def glm_pass(
     loader: DataLoader,
     device: torch.device,
     prior_precisions: Tensor | Sequence[float] | None = None,
+    run: PassRunner | None = None,
 ) -> GLMPass:
     """MAP logits and per-block GLM logit variances of every example of ``loader``, in one pass.
 
@@ -182,21 +217,27 @@ def glm_pass(
     are used); ``blocks[i]`` is the transformer block of ``la.params[i]``. With ``prior_precisions``
     (G,) the variances are returned for each scalar lambda_g: (G, N, B, C). Runs in the dtype of the
     model and of ``la`` (fp32 in distlap; no autocast); logits and variances are returned in fp32.
+    ``run`` passes the data (default :func:`run_pass`, in this process; the sweep's runs shards as
+    Ray tasks); every runner returns the examples in ``loader``'s order.
     """
-    grid = None if prior_precisions is None else torch.as_tensor(prior_precisions, dtype=torch.float32)
-    if len(blocks) != len(la.params):
-        raise ValueError(f"{len(blocks)} block indices for {len(la.params)} posterior tensors")
-    owners, n_blocks = _owners(model, la.params), max(blocks) + 1
+    prepared = prepare_pass(model, la, blocks, prior_precisions)
+    return (run or run_pass)(model, prepared, loader, device)
+
+
+def run_pass(model: nn.Module, prepared: PreparedPass, loader: DataLoader, device: torch.device) -> GLMPass:
+    """The data side of :func:`glm_pass`: ``prepared``'s tensors found in ``model`` by name."""
+    owners, n_blocks = _owners(model, prepared.names), max(prepared.blocks) + 1
     model.eval().to(device)
-    terms = [(basis, inv.to(device)) for basis, inv in posterior_terms(la, grid)]
+    terms = [(basis, inv.to(device)) for basis, inv in prepared.terms]
     logits, variances, labels = [], [], []
-    with _graph_through(model, la.params):
+    with _graph_through(model, [model.get_parameter(n) for n in prepared.names]):
         for x, y in loader:
-            f, v = _batch_variances(model, x.to(device), owners, terms, blocks, n_blocks)
+            f, v = _batch_variances(model, x.to(device), owners, terms, prepared.blocks, n_blocks)
             logits.append(f.cpu())
             variances.append(v.cpu())
             labels.append(y)
     v = torch.cat(variances, dim=1)  # (G, N, B, C)
+    grid = prepared.grid
     return GLMPass(torch.cat(logits), v if grid is not None else v[0], torch.cat(labels), grid)
 
 
@@ -216,19 +257,24 @@ def _graph_through(model: nn.Module, params: Sequence[Tensor]) -> Iterator[None]
 
 def batch_pass(
     model: nn.Module,
-    params: Sequence[Tensor],
+    names: Sequence[str],
     terms: Sequence[Term],
     blocks: Sequence[int],
     x: Tensor,
     n_blocks: int,
 ) -> tuple[Tensor, Tensor]:
     """MAP logits (n, C) and per-block logit variances (n, B, C), on the CPU, of one batch ``x`` under the
-    posterior ``terms`` (one λ, G = 1) of ``params`` (tensors of ``model``; ``blocks[i]`` the block of
-    ``params[i]``): :func:`glm_pass` for a saved posterior (:mod:`distlap.bayes.glm_posterior`)."""
+    posterior ``terms`` (one λ, G = 1) of the parameters ``names`` of ``model`` (``blocks[i]`` the block
+    of ``names[i]``): :func:`run_pass` for one batch of a saved posterior
+    (:mod:`distlap.bayes.glm_posterior`)."""
     model.eval()
-    with _graph_through(model, params):
-        f, v = _batch_variances(model, x, _owners(model, params), list(terms), list(blocks), n_blocks)
+    with _graph_through(model, [model.get_parameter(n) for n in names]):
+        f, v = _batch_variances(model, x, _owners(model, names), list(terms), list(blocks), n_blocks)
     return f.cpu(), v[0].cpu()
+
+
+# (model, prepared posterior, loader, the trial's device) -> the pass over the loader, in its order
+PassRunner = Callable[[nn.Module, PreparedPass, DataLoader, torch.device], GLMPass]
 
 
 # ------------------------------------------------------------------------- subsets of the table

@@ -54,9 +54,8 @@ class GLMPosterior:
         missing = [n for n in self.names if n not in named]
         if missing:
             raise ValueError(f"the model has no parameter {missing[0]!r} of the posterior; wrong adapter")
-        params = [named[n] for n in self.names]
         terms = [(tuple(q.to(x.device) for q in basis), inv.to(x.device)) for basis, inv in self.terms]
-        logits, variances = batch_pass(model, params, terms, self.blocks, x, self.n_blocks)
+        logits, variances = batch_pass(model, self.names, terms, self.blocks, x, self.n_blocks)
         return probit_probs(logits, variances, list(subset))
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from distlap import names
 from distlap.bayes.attribution import Split, attribution
 from distlap.bayes.evaluate import Reference, deltas, split_scores, subset_row
-from distlap.bayes.glm import GLMPass, glm_pass, param_blocks, probit_probs
+from distlap.bayes.glm import GLMPass, PassRunner, glm_pass, param_blocks, probit_probs
 from distlap.bayes.posterior import GRID
 from distlap.bayes.predictors import GLMPredictive
 from distlap.bayes.prior import (
@@ -96,10 +96,13 @@ def _marglik(evidence, subset) -> float | None:
         return None
 
 
-def glm_study(data, cfg, la, subsets: SubsetMap, scoring, prior_precision: float, log) -> dict:
-    """Every named subset's row, the MAP reference and the attribution (module docstring)."""
+def glm_study(
+    data, cfg, la, subsets: SubsetMap, scoring, prior_precision: float, log, run: PassRunner | None = None
+) -> dict:
+    """Every named subset's row, the MAP reference and the attribution (module docstring); ``run``
+    passes the data of each Jacobian pass (None: in this process, :func:`distlap.bayes.glm.run_pass`)."""
     blocks = param_blocks(data.model, la)
-    val, test, lambdas = _passes(data, cfg, la, blocks, subsets, prior_precision)
+    val, test, lambdas = _passes(data, cfg, la, blocks, subsets, prior_precision, run)
     ref = Reference(val.logits.softmax(-1), test.logits.softmax(-1), val.labels, test.labels)
     rows = {name: _row(subset, val, test, lambdas, name, ref, scoring) for name, subset in subsets.items()}
     n_blocks = test.variances.shape[2]
@@ -115,7 +118,7 @@ def glm_study(data, cfg, la, subsets: SubsetMap, scoring, prior_precision: float
         n_permutations=cfg.shapley_permutations,
         seed=scoring.seed,
     )
-    predictive = GLMPredictive(data.model, la, blocks, lambdas.global_, data.device)
+    predictive = GLMPredictive(data.model, la, blocks, lambdas.global_, data.device, run)
     return {
         "rows": rows,
         "reference": ref,
@@ -125,7 +128,7 @@ def glm_study(data, cfg, la, subsets: SubsetMap, scoring, prior_precision: float
     }
 
 
-def _passes(data, cfg, la, blocks, subsets: SubsetMap, prior_precision: float):
+def _passes(data, cfg, la, blocks, subsets: SubsetMap, prior_precision: float, run: PassRunner | None):
     """(validation pass, test pass, λs): the validation pass over :func:`candidates` and the global λ
     when it is known beforehand (exactly that λ, not a grid point near it); the test pass over the
     global λ and every λ_S."""
@@ -133,7 +136,7 @@ def _passes(data, cfg, la, blocks, subsets: SubsetMap, prior_precision: float):
     chosen = global_lambda(evidence, cfg.prior_method, prior_precision, max(blocks) + 1)
     grid = candidates(prior_precision)
     extra = torch.tensor([] if chosen is None else [chosen], dtype=grid.dtype)
-    val = glm_pass(data.model, la, blocks, data.val, data.device, torch.cat([grid, extra]))
+    val = glm_pass(data.model, la, blocks, data.val, data.device, torch.cat([grid, extra]), run)
     lambdas = choose_lambdas(evidence, _first(val, len(grid)), subsets, chosen)
     test = glm_pass(
         data.model,
@@ -142,6 +145,7 @@ def _passes(data, cfg, la, blocks, subsets: SubsetMap, prior_precision: float):
         data.test,
         data.device,
         sorted({lambdas.global_, *lambdas.validation.values()}),
+        run,
     )
     return val, test, lambdas
 

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from distlap import metrics, names
 from distlap.bayes.evaluate import Reference, map_row, row_line, subset_row
+from distlap.bayes.glm import PassRunner
 from distlap.bayes.glm_study import glm_study
 from distlap.bayes.layers import block_index, layer_subsets, num_blocks
 from distlap.bayes.posterior import (
@@ -91,21 +92,24 @@ def run_layerwise(
     scoring: Scoring,
     only: Sequence[str] | None = None,
     evaluate_nn: NNEvaluator | None = None,
+    run_glm: PassRunner | None = None,
     fitted: dict | None = None,
     on_fit: Callable[[dict], None] | None = None,
     log=print,
 ) -> Study:
     """Fit once, evaluate every subset (or ``only`` these); the result dict is ``Study.result``.
 
-    ``on_fit(state)`` receives the fit's laplace-torch ``state_dict`` (a checkpoint); ``fitted`` is
-    such a state, loaded instead of fitting again (a restarted trial)."""
+    ``evaluate_nn`` evaluates nn subsets, ``run_glm`` passes the data of each glm Jacobian pass (both
+    None: in this process; the sweep hands in Ray tasks). ``on_fit(state)`` receives the fit's
+    laplace-torch ``state_dict`` (a checkpoint); ``fitted`` is such a state, loaded instead of fitting
+    again (a restarted trial)."""
     subsets = select_subsets(num_blocks(data.model), cfg.subsets, only)
     la, fit_s = fit_once(data, cfg, prior_precision, log, fitted)
     if on_fit is not None and fitted is None:
         on_fit(la.state_dict())
     with Timer() as t:
         if cfg.predictive == "glm":
-            study = glm_study(data, cfg, la, subsets, scoring, prior_precision, log)
+            study = glm_study(data, cfg, la, subsets, scoring, prior_precision, log, run_glm)
         else:
             study = nn_study(data, cfg, la, subsets, scoring, prior_precision, evaluate_nn)
         rows = {}

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from distlap.bayes.glm import glm_pass, probit_probs
+from distlap.bayes.glm import PassRunner, glm_pass, probit_probs
 from distlap.bayes.posterior import Posterior
 from distlap.bayes.predictive import ViTSuffix, nn_predictive
 from distlap.runtime import predict
@@ -34,19 +34,22 @@ class Predictions:
 
 @dataclass
 class GLMPredictive:
-    """The linearised probit predictive of the fitted ``la`` at prior precision ``prior_precision``."""
+    """The linearised probit predictive of the fitted ``la`` at prior precision ``prior_precision``;
+    ``run`` passes each loader's data (None: in this process)."""
 
     model: nn.Module
     la: object
     blocks: list[int]
     prior_precision: float
     device: torch.device
+    run: PassRunner | None = None
 
     def __call__(self, loader: DataLoader, subsets: Subsets) -> Predictions:
         if not subsets:  # the MAP alone: no Jacobians
             probs, labels = predict(self.model, loader, self.device)
             return Predictions(probs, {}, labels)
-        table = glm_pass(self.model, self.la, self.blocks, loader, self.device, [self.prior_precision])
+        lam = [self.prior_precision]
+        table = glm_pass(self.model, self.la, self.blocks, loader, self.device, lam, self.run)
         probs = {name: probit_probs(table.logits, table.at(0), b) for name, b in subsets.items()}
         return Predictions(table.logits.softmax(-1), probs, table.labels)
 

@@ -2,7 +2,8 @@
 
 :func:`check_inputs` loads, once, every data set and backbone a trial of the sweep can use (the base
 trial and each searched value), so a missing data set or a corrupt or unreadable backbone fails here with
-the setting and the fix named, instead of inside every trial after Ray has started. :func:`check_cost`
+the setting and the fix named, instead of inside every trial after Ray has started (and, with glm
+evaluation tasks, a split with fewer examples than ``resources.eval_tasks`` shards). :func:`check_cost`
 estimates what the settings ask for: fine-tuning steps per trial (on CPU, timed: one training step is
 measured here) and the memory of the posterior samples. An estimate no machine could meet (``epochs`` of
 10^9, samples larger than memory) is refused with the estimate; a long one is announced. Both raise
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from distlap.config import ConfigError, TrialConfig
 from distlap.finetune.backbones import BackboneError, load_backbone
 from distlap.finetune.data import DataError, load_splits
-from distlap.sweep.settings import SweepConfig, trial_config
+from distlap.sweep.settings import SweepConfig, shard_problems, trial_config
 
 MAX_TRIAL_DAYS = 30  # a single trial's fine-tuning beyond this is refused as a mistake
 MAX_STEPS = 10**8  # training steps of one trial beyond this are refused (GPU trials are not timed here)
@@ -123,10 +124,19 @@ def check_inputs(cfg: SweepConfig, log=print) -> Inputs:
         if peft_key not in counts:
             counts[peft_key] = _tuned(models[model_key][0], v.trial)
         inputs.n_train[v.origin], inputs.tuned[v.origin] = len(split.train), counts[peft_key]
+        _check_shards(cfg, v, split)
         if inputs.base is None:
             inputs.base = (split, models[model_key])
     log(f"[sweep] inputs checked: {len(splits)} data set(s) and {len(models)} backbone(s) load")
     return inputs
+
+
+def _check_shards(cfg: SweepConfig, v: Variant, split) -> None:
+    """glm eval tasks: no more shards than the examples of ``v``'s smallest evaluation split."""
+    sizes = {"validation split": len(split.val), "test split": len(split.test)}
+    problems = shard_problems(cfg, v.trial, sizes, v.origin)
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
 def _backbone(trial: TrialConfig, num_classes: int):

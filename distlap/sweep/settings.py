@@ -36,11 +36,12 @@ class ResourcesConfig(_Strict):
     eval_tasks: int = Field(
         0,
         ge=0,
-        description="Child bundles per trial; subset evaluations run as that many parallel Ray "
-        "tasks inside them. 0 = evaluate the subsets in the trial process.",
+        description="Child bundles per trial, and parallel Ray tasks inside them: nn, one subset per "
+        "task; glm, each Jacobian pass cut into this many contiguous shards of the examples, one per "
+        "task. 0 = evaluate in the trial process.",
     )
-    cpus_per_eval_task: float = Field(1, ge=0, description="CPUs of each child bundle / subset task.")
-    gpus_per_eval_task: float = Field(0, ge=0, le=1, description="Fraction of a GPU per subset task.")
+    cpus_per_eval_task: float = Field(1, ge=0, description="CPUs of each child bundle / evaluation task.")
+    gpus_per_eval_task: float = Field(0, ge=0, le=1, description="Fraction of a GPU per evaluation task.")
     max_concurrent: int | None = Field(
         None, gt=0, description="Trials at once; None = as many placement groups as the cluster holds."
     )
@@ -201,14 +202,33 @@ def check(cfg: SweepConfig) -> SweepConfig:
         )
     problems += _kind_problems(cfg) + _space_problems(cfg) + _point_problems(cfg)
     problems += _secret_problems(cfg)
-    if cfg.resources.eval_tasks and cfg.trial.laplace.predictive == "glm":
-        problems.append(
-            "resources.eval_tasks: the glm predictive serves every subset from one Jacobian "
-            "pass in the trial process; set resources.eval_tasks=0"
-        )
+    caps = {"trial.data.max_val": cfg.trial.data.max_val, "trial.data.max_test": cfg.trial.data.max_test}
+    problems += shard_problems(cfg, cfg.trial, {k: n for k, n in caps.items() if n is not None}, "trial")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return cfg
+
+
+def shard_problems(cfg: SweepConfig, trial: TrialConfig, sizes: dict[str, int], origin: str) -> list[str]:
+    """glm with ``resources.eval_tasks`` = k: every Jacobian pass is cut into k shards of at least one
+    example, so k may not exceed the examples of the smallest evaluation split (``sizes``: what is known
+    of validation and test, by name; the OOD sets' cap is added here)."""
+    tasks = cfg.resources.eval_tasks
+    laplace = cfg.kind == "layerwise" or cfg.laplace
+    if not tasks or not laplace or trial.laplace.predictive != "glm":
+        return []
+    ood = trial.ood.far != "none" or bool(trial.ood.near)
+    if cfg.kind == "layerwise" and ood:
+        sizes = {**sizes, "trial.ood.max_examples": trial.ood.max_examples}
+    if not sizes:
+        return []
+    split, n = min(sizes.items(), key=lambda item: item[1])
+    if tasks <= n:
+        return []
+    return [
+        f"resources.eval_tasks={tasks}: more glm shards than the {n} examples of the smallest evaluation "
+        f"split ({split}, {origin}); lower resources.eval_tasks to at most {n}"
+    ]
 
 
 def _secret_problems(cfg: SweepConfig) -> list[str]:
@@ -343,8 +363,15 @@ def sqlite_path(url: str) -> Path | None:
 def max_concurrent(cfg: SweepConfig, cluster: dict[str, float]) -> int:
     """Trials at once: the configured cap, else how many trials' bundles the cluster's totals hold.
 
-    Raises ConfigError when the cluster cannot hold even one trial (Tune would wait forever).
+    Raises ConfigError when the cluster cannot hold even one trial (Tune would wait forever), or has no
+    GPU for the GPU fraction of the evaluation tasks.
     """
+    gpus = cfg.resources.gpus_per_eval_task
+    if gpus and not cluster.get("GPU") and not cfg.resources.gpus_per_trial:  # else: the message below
+        raise ConfigError(
+            f"resources.gpus_per_eval_task={gpus:g}: the Ray cluster has no GPUs ({cluster.get('CPU', 0):g} "
+            "CPUs); set resources.gpus_per_eval_task=0 or join a cluster with GPUs"
+        )
     need = cfg.resources.per_trial()
     fits = [math.floor(cluster.get(key, 0.0) / amount + 1e-9) for key, amount in need.items() if amount]
     if min(fits) < 1:

@@ -21,6 +21,7 @@ from distlap.config import TrialConfig
 from distlap.finetune.run import FineTuned, prepare, train
 from distlap.provenance import provenance
 from distlap.sweep import checkpoints
+from distlap.sweep.glm_tasks import ray_glm_runner
 from distlap.sweep.settings import SweepConfig, trial_config
 from distlap.sweep.subset_tasks import ray_nn_evaluator
 from distlap.sweep.tracking import TrialRun, flatten, provenance_tags
@@ -95,14 +96,11 @@ def _run(config: dict, sweep: SweepConfig, layer_subsets: tuple[str, ...] | None
 
 
 def _laplace_stage(ft: FineTuned, sweep: SweepConfig, only, run: TrialRun, fitted: dict | None, log) -> dict:
-    """The layer-wise study (nn subsets as Ray tasks when the trial has child bundles), checkpointed
-    after the fit; results written and logged."""
+    """The layer-wise study (with child bundles: nn subsets, or shards of each glm pass, as Ray tasks),
+    checkpointed after the fit; results written and logged."""
     cfg = ft.cfg
-    scoring = trial_scoring(ft)
-    tasks = sweep.resources.eval_tasks
-    evaluator = ray_nn_evaluator(ft, scoring, sweep.resources.task_resources(), log) if tasks else None
     on_fit = lambda state: checkpoints.report(ft, {"stage": "laplace-fit"}, laplace_fit=state)
-    study = layerwise(ft, only=only, evaluate_nn=evaluator, fitted=fitted, on_fit=on_fit, log=log)
+    study = layerwise(ft, only=only, fitted=fitted, on_fit=on_fit, log=log, **_task_runners(ft, sweep, log))
     result = evaluate(ft, study, log=log) if only is None else study.result
     out = Path(cfg.output_dir)
     write_results(result, out)
@@ -111,6 +109,17 @@ def _laplace_stage(ft: FineTuned, sweep: SweepConfig, only, run: TrialRun, fitte
     run.log_artifact(out / names.LAYERWISE_FILE)
     _log_attribution(run, result.get("attribution"))
     return laplace_metrics(result)
+
+
+def _task_runners(ft: FineTuned, sweep: SweepConfig, log) -> dict:
+    """``evaluate_nn`` (nn: one Ray task per subset) or ``run_glm`` (glm: one Ray task per shard of each
+    Jacobian pass) for ``resources.eval_tasks`` > 0; none with 0 (all in the trial process)."""
+    tasks, resources = sweep.resources.eval_tasks, sweep.resources.task_resources()
+    if not tasks:
+        return {}
+    if ft.cfg.laplace.predictive == "glm":
+        return {"run_glm": ray_glm_runner(tasks, resources, log)}
+    return {"evaluate_nn": ray_nn_evaluator(ft, trial_scoring(ft), resources, log)}
 
 
 def _log_attribution(run: TrialRun, attribution: dict | None) -> None:

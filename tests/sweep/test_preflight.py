@@ -132,3 +132,11 @@ def test_an_address_that_is_not_ray_fails_in_seconds():
         http_server.shutdown()
         silent.close()
         grpc_server.stop(0)
+
+
+def test_more_glm_shards_than_validation_examples_are_refused_naming_the_field(fake_fmnist_dir, tiny_vit_dir):
+    """Within the caps (max_val=32) but beyond the real split: classes 0-2 leave 18 validation images."""
+    cfg = _cfg(fake_fmnist_dir, tiny_vit_dir, "resources.eval_tasks=20")
+    with pytest.raises(ConfigError, match=r"resources\.eval_tasks=20: .* 18 examples .*validation split"):
+        preflight.check_inputs(cfg, log=lambda _: None)
+    preflight.check_inputs(_cfg(fake_fmnist_dir, tiny_vit_dir, "resources.eval_tasks=18"), log=lambda _: None)

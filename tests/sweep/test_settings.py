@@ -72,7 +72,11 @@ def test_trial_config_applies_searched_params():
             "search.points_to_evaluate=[{peft.rank: 0, train.prior_precision: 1}]",
             r"search\.points_to_evaluate\[0\]: peft\.rank",
         ),
-        ("resources.eval_tasks=2", r"resources\.eval_tasks: the glm predictive"),  # nn only
+        ("resources.eval_tasks=2", None),  # glm: each Jacobian pass in two shards
+        (
+            "resources.eval_tasks=201",
+            r"resources\.eval_tasks=201: more glm shards than the 200 examples .*trial\.data\.max_val",
+        ),
         ("resources.cpus_per_eval_task=0", None),  # valid while eval_tasks=0
         ("trial.peft.rank=-1", r"trial\.peft\.rank: .*greater than 0"),
         ("trial.output_dir=/tmp/t", r"trial\.output_dir: set the sweep's output_dir"),
@@ -90,8 +94,26 @@ def test_bad_settings_name_the_field(override, match):
 def test_cross_field_resource_errors():
     with pytest.raises(ConfigError, match=r"resources: .*eval_tasks > 0 needs"):
         load_sweep_config(overrides=["resources.eval_tasks=2", "resources.cpus_per_eval_task=0"])
-    with pytest.raises(ConfigError, match=r"resources\.eval_tasks: the glm predictive"):
-        load_sweep_config(overrides=["resources.eval_tasks=2", "trial.laplace.predictive=glm"])
+    load_sweep_config(overrides=["resources.eval_tasks=2", "trial.laplace.predictive=glm"])  # shards
+
+
+def test_more_glm_shards_than_examples_are_refused_naming_the_field():
+    """Static caps here (the real splits' sizes in preflight); nn subsets are not shards of the data."""
+    small = ["trial.data.max_test=5", "trial.ood.far=none", "trial.ood.near=false"]
+    with pytest.raises(ConfigError, match=r"resources\.eval_tasks=6: .* 5 examples .*trial\.data\.max_test"):
+        load_sweep_config(overrides=[*small, "resources.eval_tasks=6"])
+    load_sweep_config(overrides=[*small, "resources.eval_tasks=5"])
+    load_sweep_config(overrides=[*small, "resources.eval_tasks=6", "trial.laplace.predictive=nn"])
+    with pytest.raises(ConfigError, match=r"resources\.eval_tasks=501: .*trial\.ood\.max_examples"):
+        load_sweep_config(overrides=["resources.eval_tasks=501"])
+
+
+def test_a_gpu_fraction_on_a_cluster_without_gpus_is_refused_naming_the_field():
+    cfg = load_sweep_config(overrides=["resources.eval_tasks=2", "resources.gpus_per_eval_task=0.25"])
+    no_gpus = r"resources\.gpus_per_eval_task=0\.25: the Ray cluster has no GPUs"
+    with pytest.raises(ConfigError, match=no_gpus):
+        max_concurrent(cfg, {"CPU": 16.0})
+    assert max_concurrent(cfg, {"CPU": 16.0, "GPU": 1.0}) >= 1
 
 
 def test_resolve_makes_everything_absolute(tmp_path, monkeypatch):
