@@ -1,0 +1,170 @@
+"""ECE and NLL of every coalition of blocks, and their bootstrap replicates, in batched tensor code.
+
+The probit predictive of coalition S (bitmask row r of ``shapley.all_masks``) at example n is
+p_S(. | x_n) = softmax(mu_n / sqrt(1 + pi/8 var_S,n)), var_S = sum_{b in S} v_b (``glm.subset_probs``,
+same operations in the same dtype). The sums are built incrementally, one add per (coalition, example,
+class): a chunk of 2^m coalitions shares its high bits H, and for its low bits T
+    var(H + T) = var(H) + var(T),   var(T) = var(T - {t}) + v_t,   t the top block of T.
+Per (coalition, example) only what the scores need is kept: confidence c = max_k p_k, correctness
+a = 1[argmax_k p_k = y], calibration bin m (``distlap.metrics``' rule) and l = -log max(p_y, 1e-12).
+
+A resample of the examples is its count weights w_n = #{j: idx_j = n}, n_w = sum_n w_n (= N). Since
+|B_m|/n_w |acc(B_m) - conf(B_m)| = |sum_{n in B_m} w_n (a_n - c_n)| / n_w,
+    ECE_w(S) = (1/n_w) sum_m |sum_n w_n (a_Sn - c_Sn) 1[m_Sn = m]|,   NLL_w(S) = (1/n_w) sum_n w_n l_Sn,
+so every replicate of every coalition is one matmul: counts W (R, N) @ G (N, S M) and W @ L (N, S). The
+data itself is w = 1, summed in float64; the replicates' matmuls run in ``Chunking.replicate_dtype``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+NLL_EPS = 1e-12  # the clamp of metrics.negative_log_likelihood
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """Memory bounds: ``work_bytes`` for one block of probabilities (2^m, n, C) (cache-sized on a CPU),
+    ``table_bytes`` for one chunk's ECE terms G (N, 2^m M); the dtype of the replicates' matmuls."""
+
+    work_bytes: int = 2**22
+    table_bytes: int = 2**28
+    replicate_dtype: torch.dtype = torch.float64
+
+
+@dataclass(frozen=True)
+class Terms:
+    """Per (coalition, example) of one chunk, (S, N) each."""
+
+    gap: Tensor  # a - c, float64
+    bins: Tensor  # calibration bin, int64
+    nll: Tensor  # -log max(p_y, eps), float64
+
+
+def bin_index(conf: Tensor, n_bins: int) -> Tensor:
+    """``distlap.metrics._bin_index`` on ``conf``'s device: the same float32 edges, built on the CPU
+    as torchmetrics builds them, bucketize(conf, edges, right=True) - 1, the last bin closed at 1."""
+    edges = torch.linspace(0, 1, n_bins + 1).to(conf.device)
+    return (torch.bucketize(conf.float(), edges, right=True) - 1).clamp(max=n_bins - 1)
+
+
+def resample_counts(idx: Tensor, n: int) -> Tensor:
+    """Count weights (R, N) float64 of resampled example indices ``idx`` (R, n_w)."""
+    counts = torch.zeros(idx.shape[0], n, dtype=torch.float64, device=idx.device)
+    return counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+
+
+def _variance_table(base: Tensor, low: Tensor) -> Tensor:
+    """var(H + T) for every T over the m low blocks: base var(H) (n, C), low (m, n, C) -> (2^m, n, C)."""
+    table = base.new_empty(2 ** len(low), *base.shape)
+    table[0] = base
+    for t, v in enumerate(low):  # coalitions [2^t, 2^(t+1)) are those of [0, 2^t) plus block t
+        torch.add(table[: 2**t], v, out=table[2**t : 2 ** (t + 1)])
+    return table
+
+
+def _correct(z: Tensor, top: Tensor, labels: Tensor) -> Tensor:
+    """1[argmax_k z_k = y] (S, n), ties to the first class as ``torch.max``: the label must reach the top
+    ``top`` (S, n, 1); only rows where several classes reach it take the slower argmax."""
+    correct = (z.gather(-1, labels.expand(len(z), -1)[..., None]) == top)[..., 0]
+    tied = (z == top).sum(-1) > 1
+    if tied.any():
+        correct[tied] = z[tied].argmax(-1) == labels.expand(len(z), -1)[tied]
+    return correct
+
+
+def _block_terms(logits: Tensor, scale: Tensor, labels: Tensor, n_bins: int) -> Terms:
+    """Terms of one block: logits (n, C), scale = 1 + pi/8 var (S, n, C) (overwritten), labels (n,).
+
+    z = mu / sqrt(scale); with e_k = exp(z_k - max z) and s = sum_k e_k the probabilities are e / s,
+    so c = 1 / s and p_y = e_y / s, and the argmax of p is that of z (no normalised tensor is formed).
+    """
+    z = torch.div(logits, scale.sqrt_(), out=scale)
+    top = z.amax(-1, keepdim=True)  # (S, n, 1)
+    correct = _correct(z, top, labels)
+    e = z.sub_(top).exp_()
+    total = e.sum(-1).double()  # (S, n)
+    conf = 1 / total
+    p_y = e.gather(-1, labels.expand(len(e), -1)[..., None])[..., 0].double() / total
+    return Terms(
+        gap=correct.double() - conf,
+        bins=bin_index(conf, n_bins),
+        nll=-p_y.clamp_min(NLL_EPS).log(),
+    )
+
+
+def chunk_terms(logits: Tensor, stacked: Tensor, labels: Tensor, high: int, m: int, n_bins: int, block: int):
+    """Terms of coalitions [high, high + 2^m) (high a multiple of 2^m), ``stacked`` = variances (L, N, C);
+    the examples in blocks of ``block``."""
+    above = [b for b in range(m, len(stacked)) if high >> b & 1]
+    base = 1 + stacked[above].sum(0)  # 1 + pi/8 var(H), (N, C)
+    parts = []
+    for start in range(0, len(labels), block):
+        rows = slice(start, start + block)
+        var = _variance_table(base[rows], stacked[:m, rows])
+        parts.append(_block_terms(logits[rows], var, labels[rows], n_bins))
+    return Terms(*(torch.cat([getattr(p, f) for p in parts], 1) for f in ("gap", "bins", "nll")))
+
+
+def _ece(sums: Tensor, n_w: int) -> Tensor:
+    """ECE from the per-bin sums of w (a - c), (..., S, M) -> (..., S) float64."""
+    return sums.double().abs().sum(-1) / n_w
+
+
+def chunk_values(terms: Terms, n_bins: int) -> dict[str, Tensor]:
+    """ECE and NLL of the chunk's coalitions on the data (w = 1), (S,) float64 each."""
+    s, n = terms.gap.shape
+    key = terms.bins + n_bins * torch.arange(s, device=terms.bins.device)[:, None]
+    sums = torch.bincount(key.flatten(), terms.gap.flatten(), minlength=s * n_bins).view(s, n_bins)
+    return {"ece": _ece(sums, n), "nll": terms.nll.mean(1)}
+
+
+def chunk_replicates(terms: Terms, counts: Tensor, n_bins: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """ECE and NLL of the chunk's coalitions on each resample (counts (R, N)), (R, S) float64 each."""
+    s, n = terms.gap.shape
+    n_w = round(counts[0].sum().item())
+    slot = (terms.bins + n_bins * torch.arange(s, device=terms.bins.device)[:, None]).T  # (N, S)
+    table = torch.zeros(n, s * n_bins, dtype=dtype, device=counts.device)
+    table.scatter_(1, slot, terms.gap.T.to(dtype))  # G (N, S M): row n holds w-free a - c in its bin
+    sums = (counts.to(dtype) @ table).view(-1, s, n_bins)  # (R, S, M)
+    nll = counts @ terms.nll.T / n_w  # (R, S), float64: few flops, large terms
+    return {"ece": _ece(sums, n_w), "nll": nll}
+
+
+def _span(n: int, n_blocks: int, n_bins: int, chunking: Chunking) -> int:
+    """m: the largest chunk of 2^m coalitions (m <= L) whose ECE terms G fit ``table_bytes``."""
+    itemsize = torch.finfo(chunking.replicate_dtype).bits // 8
+    per_coalition = n * max(n_bins * itemsize, 24)  # G's columns, or the (S, N) terms without bootstrap
+    return min(n_blocks, max(0, int(math.log2(max(1, chunking.table_bytes // per_coalition)))))
+
+
+def coalition_scores(
+    logits: Tensor, variances: Tensor, labels: Tensor, n_bins: int, idx: Tensor | None, chunking: Chunking
+) -> dict[str, tuple[Tensor, Tensor | None]]:
+    """{"ece", "nll"}: (scores of all 2^L coalitions (2^L,), their replicates on the resamples ``idx``
+    (R, N) as (R, 2^L), or None without ``idx``), float64, on the device of ``logits``; row = bitmask.
+
+    ``variances`` (N, L, C) >= 0 and ``logits`` (N, C) in one float dtype, which the probabilities use.
+    """
+    n, n_blocks, n_classes = variances.shape
+    stacked = (math.pi / 8) * variances.transpose(0, 1).contiguous()  # (L, N, C): pi/8 v_b, contiguous
+    labels = labels.to(logits.device).long()
+    counts = None if idx is None else resample_counts(idx.to(logits.device), n)
+    m = _span(n, n_blocks, n_bins, chunking)
+    block = max(1, chunking.work_bytes // (2**m * n_classes * variances.element_size()))
+    values, reps = {"ece": [], "nll": []}, {"ece": [], "nll": []}
+    for high in range(0, 2**n_blocks, 2**m):
+        terms = chunk_terms(logits, stacked, labels, high, m, n_bins, block)
+        for name, v in chunk_values(terms, n_bins).items():
+            values[name].append(v)
+        if counts is not None:
+            for name, r in chunk_replicates(terms, counts, n_bins, chunking.replicate_dtype).items():
+                reps[name].append(r)
+    return {
+        name: (torch.cat(values[name]), torch.cat(reps[name], 1) if counts is not None else None)
+        for name in values
+    }
