@@ -31,7 +31,7 @@ class Chunking:
     """Memory bounds: ``work_bytes`` for one block of probabilities (2^m, n, C) (cache-sized on a CPU),
     ``table_bytes`` for one chunk's ECE terms G (N, 2^m M); the dtype of the replicates' matmuls."""
 
-    work_bytes: int = 2**22
+    work_bytes: int = 2**25
     table_bytes: int = 2**28
     replicate_dtype: torch.dtype = torch.float64
 
@@ -67,13 +67,13 @@ def _variance_table(base: Tensor, low: Tensor) -> Tensor:
     return table
 
 
-def _correct(z: Tensor, top: Tensor, labels: Tensor) -> Tensor:
-    """1[argmax_k z_k = y] (S, n), ties to the first class as ``torch.max``: the label must reach the top
-    ``top`` (S, n, 1); only rows where several classes reach it take the slower argmax."""
-    correct = (z.gather(-1, labels.expand(len(z), -1)[..., None]) == top)[..., 0]
-    tied = (z == top).sum(-1) > 1
+def _correct(e: Tensor, e_y: Tensor, total: Tensor, labels: Tensor) -> Tensor:
+    """1[argmax_k p_k = y] (S, n), ties to the first class as in ``distlap.metrics``. With p = e / s the
+    top classes are those with e_k = 1; a second one needs s >= 2, so only those rows take the argmax."""
+    correct = e_y == 1
+    tied = correct & (total >= 2)
     if tied.any():
-        correct[tied] = z[tied].argmax(-1) == labels.expand(len(z), -1)[tied]
+        correct[tied] = e[tied].argmax(-1) == labels.expand_as(correct)[tied]
     return correct
 
 
@@ -81,19 +81,17 @@ def _block_terms(logits: Tensor, scale: Tensor, labels: Tensor, n_bins: int) -> 
     """Terms of one block: logits (n, C), scale = 1 + pi/8 var (S, n, C) (overwritten), labels (n,).
 
     z = mu / sqrt(scale); with e_k = exp(z_k - max z) and s = sum_k e_k the probabilities are e / s,
-    so c = 1 / s and p_y = e_y / s, and the argmax of p is that of z (no normalised tensor is formed).
+    so c = 1 / s and p_y = e_y / s (no normalised tensor is formed).
     """
     z = torch.div(logits, scale.sqrt_(), out=scale)
-    top = z.amax(-1, keepdim=True)  # (S, n, 1)
-    correct = _correct(z, top, labels)
-    e = z.sub_(top).exp_()
-    total = e.sum(-1).double()  # (S, n)
-    conf = 1 / total
-    p_y = e.gather(-1, labels.expand(len(e), -1)[..., None])[..., 0].double() / total
+    e = z.sub_(z.amax(-1, keepdim=True)).exp_()  # (S, n, C), the top class at exp(0) = 1
+    total = e.sum(-1)  # (S, n)
+    e_y = e.gather(-1, labels.expand(len(e), -1)[..., None])[..., 0]
+    conf = 1 / total.double()
     return Terms(
-        gap=correct.double() - conf,
+        gap=_correct(e, e_y, total, labels).double() - conf,
         bins=bin_index(conf, n_bins),
-        nll=-p_y.clamp_min(NLL_EPS).log(),
+        nll=-(e_y.double() * conf).clamp_min(NLL_EPS).log(),
     )
 
 
