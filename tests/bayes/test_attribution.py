@@ -173,14 +173,19 @@ def _batched(logits, variances, labels, idx, chunking=SMALL):
     return {name: (v.numpy(), r.numpy()) for name, (v, r) in scores.items()}
 
 
-@pytest.mark.parametrize("blocks", [3, 4])
-def test_batched_scores_equal_the_scalar_metrics_per_coalition_and_resample(blocks):
+@pytest.mark.parametrize(
+    ("blocks", "table_bytes", "span"), [(3, 6000, 0), (4, 150 * 120 * 4, 2), (4, 2**28, 4)]
+)
+def test_batched_scores_equal_the_scalar_metrics_per_coalition_and_resample(blocks, table_bytes, span):
     """Every coalition's ECE and NLL, and each of their bootstrap replicates, to 1e-10 in float64, with
-    the coalitions cut into several chunks and the examples into several blocks."""
+    the coalitions in chunks of 2^span (high bits in the base, low bits doubled) and the examples in
+    several blocks."""
     logits, variances, labels = _random_pass(n=150, blocks=blocks, classes=5, seed=blocks)
     idx = bootstrap_indices(150, 12, seed=7)
-    assert K._span(150, blocks, 15, SMALL) < blocks  # the chunking is exercised
-    naive, batched = _naive_scores(logits, variances, labels, idx), _batched(logits, variances, labels, idx)
+    chunking = dataclasses.replace(SMALL, table_bytes=table_bytes)
+    assert K._span(150, blocks, 15, chunking) == span
+    naive = _naive_scores(logits, variances, labels, idx)
+    batched = _batched(logits, variances, labels, idx, chunking)
     for name in SCORES:
         np.testing.assert_allclose(batched[name][0], naive[name][0], rtol=0, atol=1e-10)
         np.testing.assert_allclose(batched[name][1], naive[name][1], rtol=0, atol=1e-10)
