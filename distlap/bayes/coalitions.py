@@ -31,7 +31,7 @@ class Chunking:
     """Memory bounds: ``work_bytes`` for one block of probabilities (2^m, n, C) (cache-sized on a CPU),
     ``table_bytes`` for one chunk's ECE terms G (N, 2^m M); the dtype of the replicates' matmuls."""
 
-    work_bytes: int = 2**25
+    work_bytes: int = 2**23
     table_bytes: int = 2**28
     replicate_dtype: torch.dtype = torch.float64
 
