@@ -5,7 +5,8 @@ transformer blocks is its improvement over the MAP, v(S) = score_MAP − score_S
 (Δ_ECE, Δ_NLL; v(∅) = 0). Up to ``shapley.EXACT_MAX_PLAYERS`` blocks every one of the 2^L coalitions
 is evaluated and the Shapley values (Shapley 1953) are exact — they sum to v(all) − v(∅) — with a
 paired percentile bootstrap interval over test examples: each replicate resamples the examples once,
-scores the MAP and every coalition on them and takes the Shapley values of that replicate's table.
+scores the MAP and every coalition on them and takes the Shapley values of that replicate's table (all
+coalitions and replicates at once: :mod:`distlap.bayes.coalitions`).
 Past that, permutation-sampled values with standard errors (Castro et al. 2009).
 
 The best-k curves (the forward greedy selection and, with the full table, the exact best set of each

@@ -1,9 +1,10 @@
 """ECE and NLL of every coalition of blocks, and their bootstrap replicates, in batched tensor code.
 
 The probit predictive of coalition S (bitmask row r of ``shapley.all_masks``) at example n is
-p_S(. | x_n) = softmax(mu_n / sqrt(1 + pi/8 var_S,n)), var_S = sum_{b in S} v_b (``glm.subset_probs``,
-same operations in the same dtype). The sums are built incrementally, one add per (coalition, example,
-class): a chunk of 2^m coalitions shares its high bits H, and for its low bits T
+p_S(. | x_n) = softmax(mu_n / sqrt(1 + pi/8 var_S,n)), var_S = sum_{b in S} v_b (``glm.subset_probs``'
+maths in the pass's dtype, float32 from ``glm_pass``, in its own order of operations: float32 results
+agree with subset_probs' to float32 round-off). The sums are built incrementally, one add per
+(coalition, example, class): a chunk of 2^m coalitions shares its high bits H, and for its low bits T
     var(H + T) = var(H) + var(T),   var(T) = var(T - {t}) + v_t,   t the top block of T.
 Per (coalition, example) only what the scores need is kept: confidence c = max_k p_k, correctness
 a = 1[argmax_k p_k = y], calibration bin m (``distlap.metrics``' rule) and l = -log max(p_y, 1e-12).
@@ -29,11 +30,23 @@ NLL_EPS = 1e-12  # the clamp of metrics.negative_log_likelihood
 @dataclass(frozen=True)
 class Chunking:
     """Memory bounds: ``work_bytes`` for one block of probabilities (2^m, n, C) (cache-sized on a CPU),
-    ``table_bytes`` for one chunk's ECE terms G (N, 2^m M); the dtype of the replicates' matmuls."""
+    ``table_bytes`` for one chunk's ECE terms G (N, 2^m M) (and its (2^m, N) per-example terms); the
+    dtype of the replicates' matmuls. Beside them: one scaled copy of the variances and the counts (R, N).
+    """
 
     work_bytes: int = 2**23
     table_bytes: int = 2**28
     replicate_dtype: torch.dtype = torch.float64
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A GLM pass as the chunks read it: logits (N, C), pi/8 v_b as (L, N, C) (one block contiguous),
+    labels (N,) int64, all on one device."""
+
+    logits: Tensor
+    scaled: Tensor
+    labels: Tensor
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,7 @@ def resample_counts(idx: Tensor, n: int) -> Tensor:
 
 
 def _variance_table(base: Tensor, low: Tensor) -> Tensor:
-    """var(H + T) for every T over the m low blocks: base var(H) (n, C), low (m, n, C) -> (2^m, n, C)."""
+    """base + var(T) for every T over the m low blocks: base (n, C), low v_b (m, n, C) -> (2^m, n, C)."""
     table = base.new_empty(2 ** len(low), *base.shape)
     table[0] = base
     for t, v in enumerate(low):  # coalitions [2^t, 2^(t+1)) are those of [0, 2^t) plus block t
@@ -95,16 +108,16 @@ def _block_terms(logits: Tensor, scale: Tensor, labels: Tensor, n_bins: int) -> 
     )
 
 
-def chunk_terms(logits: Tensor, stacked: Tensor, labels: Tensor, high: int, m: int, n_bins: int, block: int):
-    """Terms of coalitions [high, high + 2^m) (high a multiple of 2^m), ``stacked`` = variances (L, N, C);
-    the examples in blocks of ``block``."""
-    above = [b for b in range(m, len(stacked)) if high >> b & 1]
-    base = 1 + stacked[above].sum(0)  # 1 + pi/8 var(H), (N, C)
+def chunk_terms(glm: Pass, high: int, m: int, n_bins: int, block: int) -> Terms:
+    """Terms of coalitions [high, high + 2^m) (high a multiple of 2^m), the examples in blocks of
+    ``block``."""
+    above = [b for b in range(m, len(glm.scaled)) if high >> b & 1]
+    base = 1 + glm.scaled[above].sum(0)  # 1 + pi/8 var(H), (N, C)
     parts = []
-    for start in range(0, len(labels), block):
+    for start in range(0, len(glm.labels), block):
         rows = slice(start, start + block)
-        var = _variance_table(base[rows], stacked[:m, rows])
-        parts.append(_block_terms(logits[rows], var, labels[rows], n_bins))
+        scale = _variance_table(base[rows], glm.scaled[:m, rows])  # 1 + pi/8 var, (2^m, n, C)
+        parts.append(_block_terms(glm.logits[rows], scale, glm.labels[rows], n_bins))
     return Terms(*(torch.cat([getattr(p, f) for p in parts], 1) for f in ("gap", "bins", "nll")))
 
 
@@ -149,14 +162,14 @@ def coalition_scores(
     ``variances`` (N, L, C) >= 0 and ``logits`` (N, C) in one float dtype, which the probabilities use.
     """
     n, n_blocks, n_classes = variances.shape
-    stacked = (math.pi / 8) * variances.transpose(0, 1).contiguous()  # (L, N, C): pi/8 v_b, contiguous
-    labels = labels.to(logits.device).long()
+    scaled = (math.pi / 8) * variances.transpose(0, 1).contiguous()  # (L, N, C)
+    glm = Pass(logits, scaled, labels.to(logits.device).long())
     counts = None if idx is None else resample_counts(idx.to(logits.device), n)
     m = _span(n, n_blocks, n_bins, chunking)
     block = max(1, chunking.work_bytes // (2**m * n_classes * variances.element_size()))
     values, reps = {"ece": [], "nll": []}, {"ece": [], "nll": []}
     for high in range(0, 2**n_blocks, 2**m):
-        terms = chunk_terms(logits, stacked, labels, high, m, n_bins, block)
+        terms = chunk_terms(glm, high, m, n_bins, block)
         for name, v in chunk_values(terms, n_bins).items():
             values[name].append(v)
         if counts is not None:
