@@ -5,7 +5,8 @@ MAP logits mu ~ 3 N(0, 1) (N, C), per-block logit variances v_b = s_b U(0, 1) >=
 scales s_b from 0.05 to 2, uniform labels; a test split of 10,000 examples and a validation split of
 1,000 (``benchmarks/vit_b16.py``'s). Timed: the call the trial makes, ``distlap.bayes.attribution
 .attribution`` (all 2^12 = 4,096 coalitions on test with 200 paired bootstrap replicates of their Shapley
-values, and on validation for the best sets), with torch's default number of threads.
+values, and on validation for the best sets), with torch's default number of threads. The JSON also
+records the load average before and after: on a shared machine the seconds depend on it.
 
     python benchmarks/attribution.py           # 4,096 coalitions x 10,000 examples x 100 classes, R = 200
     python benchmarks/attribution.py --quick   # a tiny run (tests)
@@ -16,6 +17,7 @@ The last line: ``attribution: coalitions=<2^L> examples=<N> classes=<C> bootstra
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shutil
 import time
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     s = QUICK if args.quick else Settings()
     test, val = glm_split(s.n_test, s, s.seed), glm_split(s.n_val, s, s.seed + 1)
-    start = time.perf_counter()
+    load_before, start = os.getloadavg(), time.perf_counter()
     out = attribution.attribution(
         test, val, n_bins=s.n_bins, n_bootstrap=s.bootstrap, n_permutations=2, seed=s.seed
     )
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {
         "seconds": seconds,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # whole process, KiB
+        "load_average": {"before": load_before, "after": os.getloadavg()},  # 1, 5, 15 min: a shared CPU
         "method": out["method"],
         "coalitions": len(out["coalitions"]),
         "values": summary(out),
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copy(path, args.results / path.name)
     for name, entry in figures["values"].items():
         print(f"{name}: shapley {np.round(entry['shapley'], 5).tolist()}")
-    print(f"peak resident memory {figures['peak_rss_gib']:.2f} GiB")
+    print(f"peak resident memory {figures['peak_rss_gib']:.2f} GiB; load average {load_before[0]:.1f} before")
     print(f"wrote {path} and {args.results / path.name}")
     print(final_line(s, seconds))
     return 0
