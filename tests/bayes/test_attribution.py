@@ -228,19 +228,6 @@ def test_ties_go_to_the_first_class_as_in_the_metrics():
         np.testing.assert_allclose(batched[name][1], naive[name][1], rtol=0, atol=1e-12)
 
 
-def test_bins_follow_the_metrics_rule_at_the_edges():
-    edges = torch.linspace(0, 1, 16)
-    conf = torch.cat([edges, edges.double() + 1e-9, edges.double() - 1e-9, torch.rand(500).double()])
-    conf = conf.clamp(0, 1)
-    assert torch.equal(K.bin_index(conf, 15), metrics._bin_index(conf, 15))
-
-
-def test_resample_counts_are_the_multiplicities_of_the_indices():
-    idx = bootstrap_indices(50, 8, seed=3)
-    counts = K.resample_counts(idx, 50)
-    assert torch.equal(counts, torch.stack([torch.bincount(r, minlength=50) for r in idx]).double())
-
-
 def test_exact_shapley_of_a_stack_of_tables_is_the_shapley_of_each():
     tables = np.random.default_rng(0).standard_normal((6, 2**4))
     stacked = shapley.exact_shapley(tables)
