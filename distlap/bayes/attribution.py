@@ -5,7 +5,8 @@ transformer blocks is its improvement over the MAP, v(S) = score_MAP − score_S
 (Δ_ECE, Δ_NLL; v(∅) = 0). Up to ``shapley.EXACT_MAX_PLAYERS`` blocks every one of the 2^L coalitions
 is evaluated and the Shapley values (Shapley 1953) are exact — they sum to v(all) − v(∅) — with a
 paired percentile bootstrap interval over test examples: each replicate resamples the examples once,
-scores the MAP and every coalition on them and takes the Shapley values of that replicate's table.
+scores the MAP and every coalition on them and takes the Shapley values of that replicate's table (all
+coalitions and replicates at once: :mod:`distlap.bayes.coalitions`).
 Past that, permutation-sampled values with standard errors (Castro et al. 2009).
 
 The best-k curves (the forward greedy selection and, with the full table, the exact best set of each
@@ -17,19 +18,18 @@ value it was chosen by. Choosing and reporting on the same test data would overs
 
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from distlap import metrics
 from distlap.bayes import shapley
-from distlap.bayes.glm import subset_probs
+from distlap.bayes.coalitions import Chunking, coalition_scores
 from distlap.intervals import bootstrap_indices, percentile_interval
 
 VALUES = ("ece", "nll")  # the scores whose improvement is attributed
+CHUNKING = Chunking()  # memory bounds and the replicates' matmul dtype of the coalition scores
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ def attribution(
     if n_blocks > shapley.EXACT_MAX_PLAYERS:
         return _sampled(test, val, n_bins, n_permutations, seed)
     masks = shapley.all_masks(n_blocks)  # (2^L, L): row r is bitmask r
-    table = _coalition_scores(test, masks, n_bins, n_bootstrap, seed)
-    chooser = _coalition_scores(val, masks, n_bins, 0, seed)
+    table = _coalition_scores(test, n_bins, n_bootstrap, seed)
+    chooser = _coalition_scores(val, n_bins, 0, seed)
     out = {"method": "exact", "n_blocks": n_blocks, "coalitions": masks.astype(int).tolist(), "values": {}}
     for name in VALUES:
         values, replicates = table[name]  # (2^L,), (R, 2^L)
@@ -67,7 +67,7 @@ def attribution(
             **{k: _report(steps, _lookup(values), n_blocks) for k, steps in chosen.items()},
         }
         if replicates is not None:
-            phis = torch.as_tensor(np.stack([shapley.exact_shapley(v) for v in replicates]))  # (R, L)
+            phis = torch.as_tensor(shapley.exact_shapley(replicates))  # (R, L)
             low, high = percentile_interval(phis.T)
             entry |= {"shapley_low": low.tolist(), "shapley_high": high.tolist()}
         out["values"][name] = entry
@@ -84,37 +84,20 @@ def _lookup(values: np.ndarray):
     return lambda masks: values[shapley.bits(masks)]
 
 
-def _coalition_scores(split: Split, masks, n_bins: int, n_bootstrap: int, seed: int) -> dict:
+def _coalition_scores(split: Split, n_bins: int, n_bootstrap: int, seed: int) -> dict:
     """{score: (v (2^L,), replicates (R, 2^L) or None)}: the improvement of every coalition over the
-    MAP (the empty coalition) on the data and on each bootstrap resample of the examples."""
-    logits, variances, labels = split.logits, split.variances, split.labels
-    idx = bootstrap_indices(len(labels), n_bootstrap, seed) if n_bootstrap else None  # (R, N)
-    full = {name: [] for name in VALUES}
-    reps = {name: [] for name in VALUES}
-    for chunk in torch.as_tensor(masks).split(256):
-        probs = subset_probs(logits, variances, chunk)  # (s, N, C)
-        for name, score in _score_fns(n_bins).items():
-            full[name].append(torch.tensor([score(p, labels) for p in probs], dtype=torch.float64))
-            if idx is not None:
-                reps[name].append(
-                    torch.stack([metrics.replicate_values(score, p, labels, idx) for p in probs], 1)
-                )
+    MAP (the empty coalition, row 0) on the data and on each bootstrap resample of the examples
+    (``bootstrap_indices(N, R, seed)``), batched over coalitions and resamples (:mod:`coalitions`)."""
+    idx = bootstrap_indices(len(split.labels), n_bootstrap, seed) if n_bootstrap else None  # (R, N)
+    scores = coalition_scores(split.logits, split.variances, split.labels, n_bins, idx, CHUNKING)
     out = {}
     for name in VALUES:
-        values = torch.cat(full[name])  # (2^L,) scores; row 0 is the MAP
-        replicates = torch.cat(reps[name], 1) if idx is not None else None  # (R, 2^L)
+        values, replicates = scores[name]  # (2^L,), (R, 2^L) or None
         out[name] = (
-            (values[0] - values).numpy(),
-            None if replicates is None else (replicates[:, :1] - replicates).numpy(),
+            (values[0] - values).cpu().numpy(),
+            None if replicates is None else (replicates[:, :1] - replicates).cpu().numpy(),
         )
     return out
-
-
-def _score_fns(n_bins: int) -> dict:
-    return {
-        "ece": functools.partial(metrics.expected_calibration_error, n_bins=n_bins),
-        "nll": metrics.negative_log_likelihood,
-    }
 
 
 def _sampled(test: Split, val: Split, n_bins: int, n_permutations: int, seed: int) -> dict:

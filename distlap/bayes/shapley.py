@@ -34,22 +34,24 @@ def bits(masks: np.ndarray) -> np.ndarray:
     return (masks.astype(np.int64) << np.arange(masks.shape[1])).sum(1)
 
 
+def shapley_matrix(n_players: int) -> np.ndarray:
+    """The (2^L, L) matrix A with phi = v A (module docstring, regrouped by coalition T):
+    A[T, i] = |T - i|! (L - |T|)! / L! if i in T, else -|T|! (L - |T| - 1)! / L!."""
+    size = np.array([int(m).bit_count() for m in range(2**n_players)])[:, None]  # |T|, (2^L, 1)
+    inside = all_masks(n_players)  # i in T, (2^L, L)
+    weight = np.array([math.factorial(k) * math.factorial(n_players - k - 1) for k in range(n_players)])
+    weight = weight / math.factorial(n_players)  # w(k) = k! (L - k - 1)! / L!, k = 0..L-1
+    return np.where(inside, weight[np.maximum(size - 1, 0)], -weight[np.minimum(size, n_players - 1)])
+
+
 def exact_shapley(values: np.ndarray) -> np.ndarray:
-    """Shapley values (L,) from the values (2^L,) of every bitmask (module docstring)."""
+    """Shapley values (..., L) from the values (..., 2^L) of every bitmask (module docstring); a stack
+    of tables (e.g. bootstrap replicates, (R, 2^L)) in one matmul."""
     values = np.asarray(values, dtype=np.float64)
-    n = round(math.log2(len(values)))
-    if 2**n != len(values):
-        raise ValueError(f"need the values of all 2^L subsets, got {len(values)}")
-    masks = np.arange(2**n)
-    size = np.array([int(m).bit_count() for m in masks])  # |S|, (2^L,)
-    weight = np.array(
-        [math.factorial(k) * math.factorial(n - k - 1) / math.factorial(n) for k in range(n)]
-    )  # (L,)
-    phi = np.empty(n)
-    for i in range(n):
-        without = masks[(masks >> i) & 1 == 0]  # S not containing i
-        phi[i] = (weight[size[without]] * (values[without | (1 << i)] - values[without])).sum()
-    return phi
+    n = round(math.log2(values.shape[-1]))
+    if 2**n != values.shape[-1]:
+        raise ValueError(f"need the values of all 2^L subsets, got {values.shape[-1]}")
+    return values @ shapley_matrix(n)
 
 
 def permutation_shapley(

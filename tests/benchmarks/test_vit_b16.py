@@ -3,11 +3,14 @@ every figure, the goals, the settings it ran with and where it came from."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
+import sys
 
 import pytest
 
+from distlap.config import LaplaceConfig
 from helpers import ROOT, run_benchmark
 
 FIGURES = {
@@ -50,3 +53,13 @@ def test_tiny_scale_runs_and_writes_its_figures_with_provenance(tmp_path):
     assert len(prov["git_commit"]) == 40 and prov["packages"]["torch"] and prov["device"].startswith("cpu")
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     assert prov["git_commit"] == head.stdout.strip()  # this checkout's code was measured
+
+
+def test_full_scale_bootstraps_the_shapley_values_as_a_trial_does(monkeypatch):
+    """No override of laplace.shapley_bootstrap at full scale: the trial's default (issue 24)."""
+    spec = importlib.util.spec_from_file_location("vit_b16", ROOT / "benchmarks" / "vit_b16.py")
+    vit_b16 = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "vit_b16", vit_b16)  # its dataclasses look their module up
+    spec.loader.exec_module(vit_b16)
+    cfg = vit_b16.trial_config(vit_b16.SCALES["full"], ROOT / "b16", ROOT / "data")
+    assert cfg.laplace.shapley_bootstrap == LaplaceConfig().shapley_bootstrap == 200
