@@ -1,9 +1,13 @@
 """ViT-B/16 on CIFAR-100 shapes: distlap's own pipeline end to end, timed against issue 17's goals.
 
-fine-tune (LoRA, bf16 autocast on CUDA) -> one Laplace fit (fp32) -> every layer subset through the
-default glm predictive (fp32; one Jacobian pass per split serves layer_0..11, early/mid/late, all, every
-one of the 2^12 coalitions and the Shapley values) -> metrics; with --nn also the nn predictive (30
-samples a set) from the same fit. Then the LoRA fine-tuning throughput of a ViT-S/16-shaped model.
+The whole trial, stage by stage (seconds and peak GPU memory of each): fine-tune (LoRA, bf16 autocast on
+CUDA) -> one Laplace fit (fp32) -> every layer subset through the default glm predictive (fp32; one
+Jacobian pass per split, as ``--glm-tasks`` Ray tasks over shards of the data, serves layer_0..11,
+early/mid/late, all, every one of the 2^12 coalitions and the Shapley values with their bootstrap) -> the
+protocol (temperature scaling, last-layer Laplace, shift, OOD, the inference over every predictive) ->
+the robustness re-optimisation from θ̂ (the config's refine_steps) and the glm study again; with --nn
+also the nn predictive (30 samples a set) from the same fit. Then the LoRA fine-tuning throughput of a
+ViT-S/16-shaped model.
 
 The trial settings are sweeps/configs/vit_b16_cifar100.yaml's (batch sizes, LoRA rank, estimator, ...),
 with its backbone and data replaced by a randomly initialised ViT of google/vit-base-patch16-224's
@@ -15,6 +19,7 @@ real, the accuracies are chance.
     python benchmarks/vit_b16.py                   # the issue-17 run, for one H100/H200 (strict fp32)
     python benchmarks/vit_b16.py --tf32            # the fp32 stages' matmuls on TF32 tensor cores
     python benchmarks/vit_b16.py --scale tiny      # the same code on CPU in seconds (tests run this)
+    python benchmarks/vit_b16.py --glm-tasks 0     # the glm passes in the trial process (no Ray)
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distlap import names
+from distlap import names, protocol
 from distlap.config import TrialConfig, build, deep_merge, read_yaml
 from distlap.finetune.run import fine_tune
 from distlap.provenance import write_benchmark
-from distlap.trial import layerwise
+from distlap.robustness import robustness
+from distlap.trial import layerwise, restudy
 
 CONFIG = Path(__file__).resolve().parents[1] / "sweeps" / "configs" / "vit_b16_cifar100.yaml"
 VIT_B16 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
@@ -71,7 +77,9 @@ SCALES = {
         name="tiny ViT (12 blocks, width 16)",
         name_s="tiny ViT (12 blocks, width 16)",
         overrides={
-            "train": {"batch_size": 32},
+            "train": {"batch_size": 32, "refine_steps": 1},
+            "shift": {"corruptions": ["gaussian_noise"], "severities": [3], "max_examples": 32},
+            "ood": {"max_examples": 32},
             "laplace": {"fit_examples": 32, "batch_size": 16, "eval_batch_size": 32, "shapley_bootstrap": 20},
         },
     ),
@@ -151,17 +159,38 @@ def images_per_s(ft) -> float:
     return len(ft.splits.train) / ft.train.history[-1][names.EPOCH_TIME]
 
 
-def run_b16(cfg: TrialConfig, with_nn: bool, quiet) -> tuple[dict, dict]:
-    """ViT-B/16: fine-tune, fit, every subset (glm; and nn): (figures, the glm study's result)."""
-    peak, fig, state = Peak(), {}, {}
+def glm_runner(tasks: int, quiet):
+    """``tasks`` Ray tasks over shards of each glm pass on a local Ray (a GPU fraction each where there
+    is a GPU), as a sweep trial with ``resources.eval_tasks`` runs them; None: in this process."""
+    if not tasks:
+        return None
+    import ray
+
+    from distlap.sweep.glm_tasks import ray_glm_runner
+
+    gpus = torch.cuda.device_count()
+    ray.init(address="local", include_dashboard=False, num_gpus=gpus, log_to_driver=False)
+    return ray_glm_runner(tasks, {"num_cpus": 1, "num_gpus": 1 / tasks if gpus else 0}, quiet)
+
+
+def run_b16(cfg: TrialConfig, with_nn: bool, glm_tasks: int, quiet) -> tuple[dict, dict]:
+    """ViT-B/16: fine-tune, fit, every subset (glm; and nn), the protocol and the robustness check:
+    (figures, the glm study's result)."""
+    peak, fig, state = Peak(), {"glm_tasks": glm_tasks}, {}
     ft = fine_tune(cfg, log=quiet)
     fig["finetune_images_per_s"], fig["finetune_peak_gib"] = images_per_s(ft), peak.read()
 
     def on_fit(fitted):
         state["fitted"], fig["fit_peak_gib"] = fitted, peak.read()
 
-    study = layerwise(ft, on_fit=on_fit, log=quiet).result
+    full = layerwise(ft, on_fit=on_fit, run_glm=glm_runner(glm_tasks, quiet), log=quiet)
+    study = full.result
     fig["eval_peak_gib"] = peak.read()
+    protocol.evaluate(ft, full, log=quiet)  # adds baselines, shift, OOD and inference to the result
+    fig["protocol_s"], fig["protocol_peak_gib"] = study["protocol"][names.PROTOCOL_TIME], peak.read()
+    checked = robustness(ft, full, lambda lam: restudy(ft, lam), log=quiet)
+    fig["robustness_s"], fig["robustness_peak_gib"] = checked[names.ROBUST_TIME], peak.read()
+    fig["refine_steps"] = checked.get(names.ROBUST_STEPS)
     fig |= {
         "fit_s": study[names.FIT_TIME],
         "eval_s": study[names.EVAL_TIME],
@@ -188,7 +217,13 @@ def run_vit_s(cfg: TrialConfig, quiet) -> dict:
 ROWS = (  # figure, what it is ({} from the figures and labels), unit
     ("finetune_images_per_s", "fine-tuning {model}, LoRA, {amp}", "img/s"),
     ("fit_s", "Laplace fit, fp32, estimator {estimator}", "s"),
-    ("eval_s", "evaluation, glm, fp32: {subsets} subsets + {coalitions} coalitions, Shapley", "s"),
+    (
+        "eval_s",
+        "evaluation, glm, fp32, {glm_tasks} tasks: {subsets} subsets + {coalitions} coalitions, Shapley",
+        "s",
+    ),
+    ("protocol_s", "protocol: temperature, last-layer Laplace, shift, OOD, inference", "s"),
+    ("robustness_s", "robustness: {refine_steps} Adam epochs from θ̂, then the glm study again", "s"),
     ("nn_eval_s", "evaluation, nn, {nn_samples} samples: {subsets} subsets", "s"),
     ("lora_vit_s_images_per_s", "fine-tuning {model_s}, LoRA, {amp}", "img/s"),
 )
@@ -220,9 +255,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale", choices=list(SCALES), default="full")
     parser.add_argument("--nn", action="store_true", help="also the nn predictive (30 samples a set)")
     parser.add_argument("--tf32", action="store_true", help="fp32 matmuls and convolutions on TF32 cores")
+    parser.add_argument(
+        "--glm-tasks", type=int, default=2, help="Ray tasks over shards of each glm pass (0: in this process)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks"), help="folder of the JSON")
     parser.add_argument("--verbose", action="store_true", help="distlap's own progress lines")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.glm_tasks < 0:
+        parser.error(
+            f"--glm-tasks must be 0 (in this process) or a number of Ray tasks, got {args.glm_tasks}"
+        )
+    return args
 
 
 def save(args: argparse.Namespace, cfg: TrialConfig, study: dict, figures: dict) -> Path:
@@ -242,7 +285,7 @@ def main(argv: list[str] | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         data = save_cifar100(scale, Path(tmp) / "cifar100")
         cfg = trial_config(scale, save_backbone(scale.vit, Path(tmp) / "vit_b16"), data)
-        fig, study = run_b16(cfg, args.nn, quiet)
+        fig, study = run_b16(cfg, args.nn, args.glm_tasks, quiet)
         cfg_s = trial_config(scale, save_backbone(scale.vit_s, Path(tmp) / "vit_s16"), data)
         fig |= run_vit_s(cfg_s, quiet)
     goals = verdicts(fig, args.scale)

@@ -20,6 +20,11 @@ FIGURES = {
     "fit_peak_gib",
     "eval_s",
     "eval_peak_gib",
+    "protocol_s",
+    "protocol_peak_gib",
+    "robustness_s",
+    "robustness_peak_gib",
+    "glm_tasks",
     "subsets",
     "coalitions",
     "nn_eval_s",
@@ -33,7 +38,8 @@ FIGURES = {
 
 @pytest.mark.slow
 def test_tiny_scale_runs_and_writes_its_figures_with_provenance(tmp_path):
-    run = run_benchmark("vit_b16.py", "--scale", "tiny", "--nn", "--out", str(tmp_path), cwd=tmp_path)
+    args = ("--scale", "tiny", "--nn", "--glm-tasks", "2", "--out", str(tmp_path))
+    run = run_benchmark("vit_b16.py", *args, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     (path,) = tmp_path.glob("vit_b16-*.json")
     record = json.loads(path.read_text())
@@ -41,10 +47,14 @@ def test_tiny_scale_runs_and_writes_its_figures_with_provenance(tmp_path):
     assert set(figures) >= FIGURES, FIGURES - set(figures)
     assert figures["subsets"] == 16 and figures["coalitions"] == 2**12  # 12 blocks, 3 groups, all
     assert figures["nn_samples"] == 30 * record["settings"]["config"]["laplace"]["n_sample_sets"]
-    assert all(
-        figures[k] > 0 for k in ("finetune_images_per_s", "fit_s", "eval_s", "lora_vit_s_images_per_s")
-    )
+    stages = ("finetune_images_per_s", "fit_s", "eval_s", "protocol_s", "robustness_s")
+    assert all(figures[k] > 0 for k in (*stages, "lora_vit_s_images_per_s"))
+    assert figures["glm_tasks"] == 2 and figures["refine_steps"] >= 1  # sharded glm, a real refinement
+    for what in ("protocol: temperature", "robustness: ", "evaluation, glm, fp32, 2 tasks"):
+        assert what in run.stdout
     assert figures["eval_peak_gib"] is None and "n/a (CPU)" in run.stdout  # no CUDA here
+    refused = run_benchmark("vit_b16.py", "--glm-tasks", "-1", cwd=tmp_path)
+    assert refused.returncode == 2 and "--glm-tasks must be 0" in refused.stderr
     assert set(figures["verdicts"]) == set(figures["goals"]) == {"eval_s", "lora_vit_s_images_per_s"}
     assert record["settings"]["scale"] == "tiny" and record["settings"]["n_test"] == 64
     laplace = record["settings"]["config"]["laplace"]
