@@ -115,7 +115,7 @@ def _env(env: dict):
         os.environ.update(saved)
 
 
-# --- a throwaway PostgreSQL server (as tests/faults/harness.py starts one) ------------------------
+# --- a throwaway PostgreSQL server (tests/faults/harness.py starts it from here) ------------------
 
 
 def postgres_bin(name: str) -> str | None:
@@ -163,6 +163,7 @@ def postgres_server(user: str = "distlap", password: str = "store-load-benchmark
         subprocess.run(
             [*as_owner, pg_ctl, "-D", root / "data", "-m", "immediate", "stop"], capture_output=True
         )
+        shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
 
 

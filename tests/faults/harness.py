@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
+import importlib.util
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -148,58 +146,23 @@ def _remount_read_only(folder: Path, seconds: float = 60) -> None:
         time.sleep(0.05)
 
 
-def _postgres_bin(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
-    return str(candidates[-1]) if candidates else None
+def _store_load():
+    """benchmarks/store_load.py, the one home of the throwaway PostgreSQL server (a benchmark cannot
+    import this pytest module, so the tests import it)."""
+    spec = importlib.util.spec_from_file_location("store_load", ROOT / "benchmarks" / "store_load.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @contextlib.contextmanager
-def postgres_server(user: str = "distlap", password: str = "s3cret-for-tests"):
+def postgres_server():
     """A throwaway PostgreSQL server on 127.0.0.1 with password (SCRAM) authentication and two
-    databases, ``mlflow`` and ``optuna``; yields (host:port, a PGPASSFILE path). The server runs as the
-    ``postgres`` system user when this is root (PostgreSQL refuses root). Skips where PostgreSQL's
-    programs are not installed (Debian: apt-get install postgresql)."""
-    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
-    if not (initdb and pg_ctl):
+    databases, ``mlflow`` and ``optuna``; yields (the sweep's two store overrides, a PGPASSFILE path).
+    The server runs as the ``postgres`` system user when this is root (PostgreSQL refuses root). Skips
+    where PostgreSQL's programs are not installed (Debian: apt-get install postgresql)."""
+    pg = _store_load()
+    if not (pg.postgres_bin("initdb") and pg.postgres_bin("pg_ctl")):
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    root = Path(tempfile.mkdtemp(prefix="distlap-pg-"))
-    root.chmod(0o755)
-    (root / "pw").write_text(password)
-    as_owner = []
-    if os.geteuid() == 0:
-        as_owner = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(root, "postgres")
-        shutil.chown(root / "pw", "postgres")
-    port = _free_port()
-    run = functools.partial(subprocess.run, check=True, capture_output=True, text=True)
-    run([*as_owner, initdb, "-D", root / "data", "-U", user, "-A", "scram-sha-256", "--pwfile", root / "pw"])
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    run([*as_owner, pg_ctl, "-D", root / "data", "-o", options, "-l", root / "log", "-w", "start"])
-    passfile = root / "pgpass"
-    passfile.write_text(f"127.0.0.1:{port}:*:{user}:{password}\n")
-    passfile.chmod(0o600)
-    try:
-        import psycopg
-
-        with psycopg.connect(
-            host="127.0.0.1", port=port, user=user, password=password, dbname="postgres", autocommit=True
-        ) as conn:
-            for db in ("mlflow", "optuna"):
-                conn.execute(f"CREATE DATABASE {db}")
-        yield f"127.0.0.1:{port}", passfile
-    finally:
-        subprocess.run(
-            [*as_owner, pg_ctl, "-D", root / "data", "-m", "immediate", "stop"], capture_output=True
-        )
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with pg.postgres_server(password="s3cret-for-tests") as served:
+        yield served

@@ -18,13 +18,9 @@ N = 3
 @pytest.mark.slow
 def test_a_sweep_on_postgresql_keeps_every_trial_and_subset_run_across_a_resume(tmp_path, monkeypatch):
     """Ctrl-C after the first trial, then --resume: every trial and subset run is in PostgreSQL, once."""
-    with postgres_server() as (server, passfile):
+    with postgres_server() as (stores, passfile):
         monkeypatch.setenv("PGPASSFILE", str(passfile))  # this test reads the stores too
         out, log = tmp_path / "pg", tmp_path / "first.log"
-        stores = [
-            f"tracking.uri=postgresql+psycopg://distlap@{server}/mlflow",
-            f"search.storage=postgresql+psycopg://distlap@{server}/optuna",
-        ]
         proc = start(log, "--smoke-test", "--output", str(out), f"search.num_samples={N}", *stores)
         wait_for(proc, log, lambda text: ids(text, "stage: done"))
         proc.send_signal(signal.SIGINT)
