@@ -68,6 +68,11 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class TrainingFailed(RuntimeError):
+    """Fine-tuning ended with ``status="failed"`` (e.g. a non-finite loss), raised where nothing can go on
+    without the fine-tuned model (a sweep's trial); deterministic, so a sweep never retries it."""
+
+
 class LogitsModel(nn.Module):
     """``x -> logits``: the tensor-in / tensor-out view of an HF classifier (training and laplace-torch)."""
 

@@ -7,7 +7,7 @@ kind whose Laplace stage is optional (``peft_methods`` with ``laplace: false``) 
 metrics; its :attr:`SweepKind.laplace_keys` are left out of every list then.
 
 Light on purpose: the report reads these lists without torch, so the trainable is named here and
-imported only when a sweep starts (:func:`trainable`).
+imported only in the worker, when a trial starts (:func:`trainable`).
 """
 
 from __future__ import annotations
@@ -105,10 +105,18 @@ def kind_of(cfg: SweepConfig) -> SweepKind:
 
 
 def trainable(cfg: SweepConfig) -> Callable[[dict, SweepConfig], None]:
-    """The Ray Tune function trainable of ``cfg``'s kind (``trainable(config, sweep)``)."""
-    from distlap.sweep import trainable as trainables  # torch, transformers, peft: only where trials run
+    """The Ray Tune function trainable of ``cfg``'s kind (``trainable(config, sweep)``): a stand-in with
+    its name that imports the trial code (torch, transformers, peft, laplace-torch) in the worker when
+    the trial starts, so that the driver never loads it (laplace-torch alone is ~4 s of CPU per start)."""
+    name = kind_of(cfg).trainable
 
-    return getattr(trainables, kind_of(cfg).trainable)
+    def trial(config: dict, sweep: SweepConfig) -> None:
+        from distlap.sweep import trainable as trainables  # in the worker: the trial code
+
+        return getattr(trainables, name)(config, sweep)
+
+    trial.__name__ = trial.__qualname__ = name  # Tune names the trials after it: <name>_<id>
+    return trial
 
 
 def printed_metrics(cfg: SweepConfig) -> list[str]:

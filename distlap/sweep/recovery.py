@@ -32,13 +32,13 @@ from distlap import names
 from distlap.config import ConfigError
 from distlap.finetune.backbones import BackboneError
 from distlap.finetune.data import DataError
+from distlap.finetune.train import TrainingFailed
 from distlap.sweep import ray_compat
 from distlap.sweep.settings import SweepConfig
 from distlap.sweep.stores import DISK_ERRNOS, StoreError, store_fault
 from distlap.sweep.tracking import TrialRun
-from distlap.sweep.trainable import TrialFailed
 
-DETERMINISTIC = (TrialFailed, ConfigError, DataError, BackboneError)
+DETERMINISTIC = (TrainingFailed, ConfigError, DataError, BackboneError)
 _FAULTS: list[StoreError] = []
 
 

@@ -19,6 +19,7 @@ from distlap import names
 from distlap.bayes.layerwise import write_results
 from distlap.config import TrialConfig
 from distlap.finetune.run import FineTuned, prepare, train
+from distlap.finetune.train import TrainingFailed
 from distlap.provenance import provenance
 from distlap.sweep import checkpoints
 from distlap.sweep.glm_tasks import ray_glm_runner
@@ -41,10 +42,6 @@ from distlap.trial import scoring as trial_scoring
 # Test hook: the first attempt of a trial dies after this epoch (its checkpoint saved), as a preempted
 # worker would; the retry must resume from that checkpoint (tests/sweep/test_checkpoints.py).
 FAIL_AFTER_EPOCH = "DISTLAP_FAIL_AFTER_EPOCH"
-
-
-class TrialFailed(RuntimeError):
-    """Fine-tuning ended with ``status="failed"`` (e.g. a non-finite loss); the message says why."""
 
 
 def layerwise_trial(config: dict, sweep: SweepConfig) -> None:
@@ -186,6 +183,6 @@ def _fine_tuned(cfg: TrialConfig, run: TrialRun, log, every_s: float = 0.0) -> t
     every.flush()
     if ft.train.status != "ok":
         write_trial(ft, record(ft, {}), Path(cfg.output_dir))
-        raise TrialFailed(ft.train.message)
+        raise TrainingFailed(ft.train.message)
     checkpoints.report(ft, {"stage": "fine-tuned", names.TIME_PER_EPOCH: ft.train.time_per_epoch_s})
     return ft, None

@@ -1,6 +1,8 @@
 """The sweep-kind registry: each kind's metric lists, exactly; its trainable; its commands."""
 
 import shlex
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -83,10 +85,28 @@ def test_the_registry_holds_exactly_the_kinds_a_config_may_name():
 
 
 @pytest.mark.parametrize("kind", sorted(kinds.KINDS))
-def test_each_kind_names_its_trainable(tmp_path, kind):
+def test_each_kind_names_its_trainable(tmp_path, monkeypatch, kind):
+    """The stand-in Tune runs has the trainable's name and calls it with what it was given."""
+    from distlap.sweep import trainable
+
     cfg = _cfg(tmp_path, kind)
     fn = kinds.trainable(cfg)
-    assert callable(fn) and fn.__module__ == "distlap.sweep.trainable" and fn.__name__ == f"{kind}_trial"
+    assert fn.__name__ == f"{kind}_trial" and callable(getattr(trainable, fn.__name__))
+    calls = []
+    monkeypatch.setattr(trainable, fn.__name__, lambda config, sweep: calls.append((config, sweep)))
+    fn({"a": 1}, cfg)
+    assert calls == [({"a": 1}, cfg)]
+
+
+def test_the_driver_loads_no_trial_code():
+    """laplace-torch (with torchmetrics, ~4 s of CPU) is imported in the workers only, not by every
+    sweep command (a refusal, --help, the driver)."""
+    code = (
+        "import sys; import distlap.sweep.cli, analysis.report; from distlap.sweep import driver; "
+        "print(sorted({'laplace', 'torchmetrics', 'distlap.sweep.trainable'} & set(sys.modules)))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
 
 
 def test_commands_are_quoted_for_a_shell(tmp_path):

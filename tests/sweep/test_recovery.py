@@ -13,10 +13,10 @@ from ray.tune.experiment.trial import Trial
 
 from distlap import names
 from distlap.config import ConfigError
+from distlap.finetune.train import TrainingFailed
 from distlap.sweep import recovery
 from distlap.sweep.settings import SweepConfig, resolve
 from distlap.sweep.study import load_study, storage
-from distlap.sweep.trainable import TrialFailed
 
 
 class _RayTaskError(Exception):
@@ -51,7 +51,7 @@ def test_deterministic_failures_are_not_retried_store_faults_do_not_count(tmp_pa
     cfg = resolve(SweepConfig(output_dir=str(tmp_path), max_failures=2))
     with recovery.failure_policy(cfg):
         should_recover = Trial.should_recover
-        assert not should_recover(_trial(_RayTaskError(TrialFailed("non-finite training loss"))))
+        assert not should_recover(_trial(_RayTaskError(TrainingFailed("non-finite training loss"))))
         assert not should_recover(_trial(_RayTaskError(ConfigError("data.classes: bad"))))
         assert should_recover(_trial(_RayTaskError(RuntimeError("worker died")), failures=2))
         assert not should_recover(_trial(_RayTaskError(RuntimeError("worker died")), failures=3))
