@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,13 +108,52 @@ def smoke_sweep(tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(out=out, log=log)
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets its share of the cores for torch's own threads (torch takes
+    every core by default, and two workers on two cores then spend their time waiting on each other)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` need CUDA: where none is visible they are skipped, and say why."""
+    """Tests marked ``gpu`` need CUDA: where none is visible they are skipped, and say why. Slow tests
+    run first: the workers start the long sweeps at once and the short tests fill the end (the order
+    within each kind is kept)."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="marker gpu: needs a CUDA device, and torch sees none here")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="marker gpu: needs a CUDA device, and torch sees none here")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+    items.sort(key=lambda item: "slow" not in item.keywords)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` (pyproject.toml) sends each test module to one worker, so that its
+    module-scoped fixtures are built once; here the modules that read the session's smoke sweep form
+    one scope too, so that the sweep runs once. (pytest-xdist's own ``xdist_group`` does not take
+    effect under pytest 9.)"""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    readers = {
+        path.relative_to(config.rootpath).as_posix()
+        for path in (config.rootpath / "tests").rglob("test_*.py")
+        if SMOKE_READER.search(path.read_text())
+    }
+
+    class SmokeSweepScope(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "smoke_sweep" if module in readers else module
+
+    return SmokeSweepScope(config, log)
+
+
+SMOKE_READER = re.compile(r"def \w+\([^)]*\bsmoke_sweep\b")  # a test or fixture that takes it

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from faults.harness import check_exact, ids, start, sweep, wait_for
+from faults.harness import ROOT, SCRIPT, check_exact, ids, start, sweep, wait_for
 
 N = 4
 # The worst case for resuming: Ray Tune's saved experiment state is as old as it can be (the period
@@ -56,15 +58,25 @@ def test_kill_9_mid_trial_then_resume_gives_n_distinct_configurations(tmp_path):
     out, log = tmp_path / "k9 #1 {a} it's ü", tmp_path / "first.log"  # any name a folder can have
     args = ["--smoke-test", "--output", str(out), f"search.num_samples={N}", "resources.max_concurrent=2"]
     proc = start(log, *args, env=STALE_RAY_STATE)
+    # A second driver on the running sweep, started once the first holds the folder (its trials have
+    # begun) so that its start-up overlaps the first's trials instead of racing the sweep to its end.
+    wait_for(proc, log, lambda t: ids(t, "stage: fine-tuning"))
+    second_driver = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--resume", "--output", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     # Kill once a trial has finished and the third one is fine-tuning (asked after the saved state).
     text = wait_for(
         proc, log, lambda t: len(set(ids(t, "stage: fine-tuning"))) >= 3 and ids(t, "stage: done")
     )
     done_before = set(ids(text, "stage: done"))
-    start_second = time.monotonic()
-    second_driver = sweep("--resume", "--output", str(out))  # one driver per sweep folder
-    assert second_driver.returncode == 2 and "in use by a running driver" in second_driver.stderr
-    assert time.monotonic() - start_second < 30
+    _, refusal = second_driver.communicate(timeout=120)
+    assert second_driver.returncode == 2 and "in use by a running driver" in refusal, refusal[-3000:]
+    # refused while the first still runs: it did not wait for the folder to be free
+    assert proc.poll() is None, "the first driver ended before the second was refused (machine too slow?)"
     ray_processes = _descendants(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
