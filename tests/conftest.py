@@ -93,6 +93,9 @@ SMOKE_SWEEP = [
 ]
 
 
+SMOKE_READER = re.compile(r"def \w+\([^)]*\bsmoke_sweep\b")  # a test or fixture that takes it
+
+
 @pytest.fixture(scope="session")
 def smoke_sweep(tmp_path_factory) -> SimpleNamespace:
     """One ``python sweeps/layerwise.py --smoke-test`` run as a user runs it (its own local Ray, in a
@@ -137,7 +140,7 @@ def pytest_xdist_make_scheduler(config, log):
     """``--dist loadscope`` (pyproject.toml) sends each test module to one worker, so that its
     module-scoped fixtures are built once; here the modules that read the session's smoke sweep form
     one scope too, so that the sweep runs once. (pytest-xdist's own ``xdist_group`` does not take
-    effect under pytest 9.)"""
+    effect under pytest 9.2.)"""
     if config.getvalue("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
@@ -154,6 +157,3 @@ def pytest_xdist_make_scheduler(config, log):
             return "smoke_sweep" if module in readers else module
 
     return SmokeSweepScope(config, log)
-
-
-SMOKE_READER = re.compile(r"def \w+\([^)]*\bsmoke_sweep\b")  # a test or fixture that takes it

@@ -73,7 +73,11 @@ def test_kill_9_mid_trial_then_resume_gives_n_distinct_configurations(tmp_path):
         proc, log, lambda t: len(set(ids(t, "stage: fine-tuning"))) >= 3 and ids(t, "stage: done")
     )
     done_before = set(ids(text, "stage: done"))
-    _, refusal = second_driver.communicate(timeout=120)
+    try:
+        _, refusal = second_driver.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        second_driver.kill()  # it was not refused: never leave it running
+        raise
     assert second_driver.returncode == 2 and "in use by a running driver" in refusal, refusal[-3000:]
     # refused while the first still runs: it did not wait for the folder to be free
     assert proc.poll() is None, "the first driver ended before the second was refused (machine too slow?)"
