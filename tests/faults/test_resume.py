@@ -7,13 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from faults.harness import ROOT, SCRIPT, check_exact, ids, start, sweep, wait_for
+from faults.harness import check_exact, ids, start, sweep, wait_for
 
 N = 4
 # The worst case for resuming: Ray Tune's saved experiment state is as old as it can be (the period
@@ -61,23 +60,19 @@ def test_kill_9_mid_trial_then_resume_gives_n_distinct_configurations(tmp_path):
     # A second driver on the running sweep, started once the first holds the folder (its trials have
     # begun) so that its start-up overlaps the first's trials instead of racing the sweep to its end.
     wait_for(proc, log, lambda t: ids(t, "stage: fine-tuning"))
-    second_driver = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--resume", "--output", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    second_log = tmp_path / "second.log"
+    second_driver = start(second_log, "--resume", "--output", str(out))
     # Kill once a trial has finished and the third one is fine-tuning (asked after the saved state).
     text = wait_for(
         proc, log, lambda t: len(set(ids(t, "stage: fine-tuning"))) >= 3 and ids(t, "stage: done")
     )
     done_before = set(ids(text, "stage: done"))
     try:
-        _, refusal = second_driver.communicate(timeout=120)
+        second_driver.wait(timeout=120)
     except subprocess.TimeoutExpired:
         second_driver.kill()  # it was not refused: never leave it running
         raise
+    refusal = second_log.read_text()
     assert second_driver.returncode == 2 and "in use by a running driver" in refusal, refusal[-3000:]
     # refused while the first still runs: it did not wait for the folder to be free
     assert proc.poll() is None, "the first driver ended before the second was refused (machine too slow?)"
