@@ -15,6 +15,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
+# MLflow 3's server also starts a job runner, seven huey consumer processes for GenAI jobs that distlap
+# never submits: about 20 s of CPU per start on a 2-core machine (6.5 s without). The tests' servers run
+# without it, as the cluster head's does (cluster.yaml).
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -13,11 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 from mlflow import MlflowClient
+from optuna.trial import TrialState
 
-from distlap.names import KIND_TAG
+from distlap.names import KIND_TAG, RUN_ID, TRIAL_TAG
 from distlap.sweep.settings import load_sweep_config
 from distlap.sweep.study import load_study
 
@@ -91,23 +91,33 @@ def runs_by_kind(out: Path) -> dict[str, list]:
     return runs
 
 
-def check_exact(out: Path, n: int) -> list[tuple]:
-    """The stores hold exactly ``n`` distinct configurations, each run once to the end: ``n`` COMPLETE
-    Optuna trials with distinct settings, ``n`` FINISHED MLflow trial runs (one per Optuna trial) each
-    with its subset runs, nothing RUNNING anywhere. Returns the configurations."""
+def check_exact(out: Path, n: int, failed: int = 0) -> list[tuple]:
+    """The stores hold exactly ``n`` distinct configurations, each run once to its end: ``n - failed``
+    COMPLETE Optuna trials and ``failed`` FAIL ones, with distinct settings; one MLflow trial run per
+    Optuna trial (FINISHED with the trial's objective and its subset runs, or FAILED with none); the
+    trial's results file; nothing RUNNING anywhere. Returns the configurations."""
     cfg = load_sweep_config(out / "config.yaml")
     study = load_study(cfg.search)
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * n, study.trials
+    states = collections.Counter(t.state for t in study.trials)
+    assert states == collections.Counter({TrialState.COMPLETE: n - failed, TrialState.FAIL: failed}), states
     configs = [tuple(sorted(t.params.items())) for t in study.trials]
     assert len(set(configs)) == n, f"a configuration ran twice: {configs}"
     runs = runs_by_kind(out)
-    assert {r.info.status for kind in runs for r in runs[kind]} == {"FINISHED"}
     trials = {r.info.run_id: r for r in runs["trial"]}
-    assert sorted(trials) == sorted(t.user_attrs["mlflow_run_id"] for t in study.trials)
+    assert sorted(trials) == sorted(t.user_attrs[RUN_ID] for t in study.trials)
     mlflow_configs = {tuple(sorted((k, r.data.params[k]) for k in cfg.search.space)) for r in trials.values()}
     assert len(mlflow_configs) == n
     per_trial = collections.Counter(r.data.tags["mlflow.parentRunId"] for r in runs["subset"])
-    assert all(per_trial[run_id] == N_SUBSETS for run_id in trials), per_trial
+    for t in study.trials:
+        run = trials[t.user_attrs[RUN_ID]]
+        ok = t.state == TrialState.COMPLETE
+        assert run.info.status == ("FINISHED" if ok else "FAILED"), (t.number, run.info.status)
+        assert per_trial[run.info.run_id] == (N_SUBSETS if ok else 0), per_trial
+        if ok:
+            assert run.data.metrics[cfg.search.metric] == pytest.approx(t.value)
+            assert (out / "trials" / t.user_attrs[TRIAL_TAG] / "layer_wise_results.json").is_file()
+    others = [r for kind in runs if kind != "trial" for r in runs[kind]]
+    assert {r.info.status for r in others} == {"FINISHED"}
     return configs
 
 
@@ -156,13 +166,16 @@ def _store_load():
 
 
 @contextlib.contextmanager
-def postgres_server():
-    """A throwaway PostgreSQL server on 127.0.0.1 with password (SCRAM) authentication and two
-    databases, ``mlflow`` and ``optuna``; yields (the sweep's two store overrides, a PGPASSFILE path).
-    The server runs as the ``postgres`` system user when this is root (PostgreSQL refuses root). Skips
-    where PostgreSQL's programs are not installed (Debian: apt-get install postgresql)."""
+def cluster_stores(monkeypatch):
+    """The cluster's stores where PostgreSQL is installed (the README's test command installs it): MLflow
+    and Optuna in a throwaway PostgreSQL server with password (SCRAM) authentication, run as the
+    ``postgres`` system user when this is root (PostgreSQL refuses root), PGPASSFILE set for the sweep and
+    the test; yields the sweep's two store overrides. Elsewhere the sweep's own SQLite files (yields [])."""
     pg = _store_load()
     if not (pg.postgres_bin("initdb") and pg.postgres_bin("pg_ctl")):
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    with pg.postgres_server(password="s3cret-for-tests") as served:
-        yield served
+        print("PostgreSQL is not installed (apt-get install postgresql): the stores are SQLite files")
+        yield []
+        return
+    with pg.postgres_server(password="s3cret-for-tests") as (stores, passfile):
+        monkeypatch.setenv("PGPASSFILE", str(passfile))
+        yield stores

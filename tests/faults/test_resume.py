@@ -1,5 +1,6 @@
-"""A driver that dies is continued with --resume, and the result is the sweep that was asked for: exactly
-``search.num_samples`` distinct configurations, none run twice, none lost, nothing left RUNNING."""
+"""A driver that stops (Ctrl-C) or dies (kill -9) is continued with --resume, and the result is the sweep
+that was asked for: exactly ``search.num_samples`` distinct configurations, none run twice, none lost,
+nothing left RUNNING."""
 
 from __future__ import annotations
 
@@ -12,9 +13,21 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from faults.harness import check_exact, ids, start, sweep, wait_for
+from faults.harness import check_exact, cluster_stores, ids, runs_by_kind, start, sweep, wait_for
+from mlflow import MlflowClient
+
+from distlap.sweep.settings import load_sweep_config
+from distlap.sweep.study import load_study
 
 N = 4
+# Three configurations, the first with a non-finite loss (lr = 1e30): a failure no retry can mend.
+CTRL_C_TRIALS = [
+    "search.num_samples=3",
+    "search.space.train.lr={kind: choice, values: [0.002, 1.0e30]}",
+    "search.points_to_evaluate=[{train.lr: 1.0e30, train.prior_precision: 10.0, peft.rank: 2},"
+    " {train.lr: 0.002, train.prior_precision: 10.0, peft.rank: 2},"
+    " {train.lr: 0.002, train.prior_precision: 100.0, peft.rank: 4}]",
+]
 # The worst case for resuming: Ray Tune's saved experiment state is as old as it can be (the period
 # between its saves is an hour), so trials asked after it are known to Optuna and MLflow only.
 STALE_RAY_STATE = {"TUNE_GLOBAL_CHECKPOINT_S": "3600"}
@@ -100,3 +113,71 @@ def test_kill_9_mid_trial_then_resume_gives_n_distinct_configurations(tmp_path):
     while _alive(ray_processes) and time.monotonic() - killed_at < 120:
         time.sleep(1)
     assert not _alive(ray_processes), "Ray processes outlived the killed driver by 2 minutes"
+
+
+def _finished_and_checkpointed(text: str) -> tuple[set[str], set[str]]:
+    """Trials Tune reports finished, and trials past their checkpoint (at the Laplace stage) not done."""
+    finished = set(ids(text, "completed after"))
+    return finished, set(ids(text, "stage: Laplace fit")) - set(ids(text, "stage: done")) - finished
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_keeps_every_trial_once(tmp_path, monkeypatch):
+    """Ctrl-C once a trial has finished and another is past its checkpoint, then --resume with an override
+    a resume takes: exactly 3 trials, the finished one kept, the checkpointed one restored without
+    retraining. The first configuration's loss is non-finite: a deterministic failure, so it is not retried
+    (max_failures=1 is for failures that may pass, such as a lost node), ends FAILED in MLflow (with the
+    message) and FAIL in Optuna, and the sweep goes on. The stores are the cluster's, PostgreSQL, where it
+    is installed (CI): every trial and subset run is there once, and artifacts stay files in the folder."""
+    with cluster_stores(monkeypatch) as stores:
+        out, log = tmp_path / "ctrl-c", tmp_path / "first.log"
+        proc = start(log, "--smoke-test", "--output", str(out), "max_failures=1", *CTRL_C_TRIALS, *stores)
+        finished, checkpointed = _finished_and_checkpointed(
+            wait_for(proc, log, lambda text: all(_finished_and_checkpointed(text)))
+        )
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+        first_log = log.read_text()  # one resume hint, distlap's own (not Tune's Tuner.restore(...))
+        assert f"continue with: python sweeps/layerwise.py --resume --output {out}" in first_log
+        assert "Tuner.restore(" not in first_log, first_log[-3000:]
+        asked = len(load_study(load_sweep_config(out / "config.yaml").search).trials)
+        assert asked < 3 or "unfinished" in set(pd.read_csv(out / "summary.csv").status)
+
+        second = sweep("--resume", "--output", str(out), "max_failures=2")
+        assert second.returncode == 0, second.stderr[-3000:]
+        check_exact(out, 3, failed=1)
+        resumed_log = second.stdout + second.stderr
+        for trial_id in finished:
+            assert f"[{trial_id}] stage" not in resumed_log  # finished trials are kept, not rerun
+        for trial_id in checkpointed:  # restored from its checkpoint, or (if it ended while the driver
+            # stopped, its result recorded but not yet reported) that result reported again: never retrained
+            restored = f"[{trial_id}] stage: restored the fine-tuned adapter" in resumed_log
+            assert restored or f"[{trial_id}] stage: done earlier" in resumed_log
+            assert f"[{trial_id}] stage: fine-tuning" not in resumed_log
+        _check_the_failed_trial(out, first_log, resumed_log)
+        _check_the_stores(out, postgresql=bool(stores))
+
+
+def _check_the_failed_trial(out: Path, first_log: str, resumed_log: str) -> None:
+    summary = pd.read_csv(out / "summary.csv")
+    assert sorted(summary.status) == ["failed", "ok", "ok"]
+    failed = summary[summary.status == "failed"].iloc[0]
+    assert "non-finite training loss" in failed.error
+    assert first_log.count(f"[{failed.trial_id}] stage: fine-tuning") == 1  # not retried
+    assert f"[{failed.trial_id}] stage" not in resumed_log  # nor resumed
+    run = MlflowClient(load_sweep_config(out / "config.yaml").tracking.uri).get_run(failed.mlflow_run_id)
+    assert "non-finite training loss" in run.data.tags["error"]  # FAILED: check_exact
+    record = json.loads((out / "trials" / failed.trial_id / "trial_result.json").read_text())
+    assert record["status"] == "failed"
+
+
+def _check_the_stores(out: Path, postgresql: bool) -> None:
+    cfg = load_sweep_config(out / "config.yaml")
+    assert cfg.max_failures == 2  # the config continued is saved
+    subset = runs_by_kind(out)["subset"][0]  # artifacts stay files, in the output folder
+    artifacts = MlflowClient(cfg.tracking.uri).list_artifacts(subset.info.run_id)
+    assert [a.path for a in artifacts] == [f"reliability_{subset.data.tags['distlap.subset']}.png"]
+    if postgresql:
+        assert cfg.tracking.uri.startswith("postgresql") and cfg.search.storage.startswith("postgresql")
+        assert not list(out.glob("*.db"))  # no SQLite beside it
+        assert (out / "mlartifacts").is_dir()

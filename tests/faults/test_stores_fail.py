@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from faults.harness import check_exact, ids, read_only, start, sweep, wait_for
 
+from helpers import MLFLOW_SERVER_ENV
+
 N = 2
 ONE_AT_A_TIME = [f"search.num_samples={N}", "resources.max_concurrent=1"]
 
@@ -41,6 +43,7 @@ def _mlflow_server(db: Path, port: int) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=db.parent,
+        env={**os.environ, **MLFLOW_SERVER_ENV},
         start_new_session=True,
     )
     deadline = time.monotonic() + 90
@@ -85,38 +88,36 @@ def test_mlflow_server_dies_mid_sweep(tmp_path):
 
 
 @pytest.mark.slow
-def test_output_disk_fills_mid_sweep(tmp_path):
-    """The output folder's disk (which holds the SQLite stores too) fills up during the second trial."""
+def test_the_mlflow_store_turns_read_only_then_the_disk_fills(tmp_path):
+    """Two faults of one sweep's disk, each while a trial runs: the MLflow store's folder turns read-only
+    (a read-only mount); then, in the resumed sweep, the disk that holds the output folder and both
+    SQLite stores fills up. Each ends the sweep; once the disk is back, --resume ends the sweep."""
     disk = tmp_path / "disk"
     disk.mkdir()
     mount = ["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", disk]
     if os.geteuid() != 0 or subprocess.run(mount).returncode:
         pytest.skip("needs root and mount (a tmpfs to fill)")
-    out, log, filler = disk / "sweep", tmp_path / "first.log", disk / "filler"
+    store, out, filler = disk / "store", disk / "sweep", disk / "filler"
+    store.mkdir()
     try:
-        proc = start(log, "--smoke-test", "--output", str(out), *ONE_AT_A_TIME)
+        log = tmp_path / "first.log"
+        uri = f"tracking.uri=sqlite:///{store / 'mlflow.db'}"
+        proc = start(log, "--smoke-test", "--output", str(out), *ONE_AT_A_TIME, uri)
         wait_for(proc, log, lambda text: len(set(ids(text, "stage: fine-tuning"))) == 2)
+        with read_only(store):
+            took = _stopped(proc, log, time.monotonic(), "MLflow", out, seconds=60)
+        print(f"stopped {took:.0f} s after the MLflow store turned read-only")
+
+        log = tmp_path / "second.log"
+        proc = start(log, "--resume", "--output", str(out))  # the second trial again, or from its checkpoint
+        wait_for(proc, log, lambda text: ids(text, "stage: fine-tuning") or ids(text, "stage: restored"))
         subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)
         took = _stopped(proc, log, time.monotonic(), "", out, seconds=120)  # MLflow's, or the folder
         print(f"stopped {took:.0f} s after the disk filled")
         filler.unlink()
-        second = sweep("--resume", "--output", str(out))
-        assert second.returncode == 0, second.stderr[-3000:]
+
+        last = sweep("--resume", "--output", str(out))
+        assert last.returncode == 0, last.stderr[-3000:]
         check_exact(out, N)
     finally:
         subprocess.run(["umount", "-l", disk])
-
-
-@pytest.mark.slow
-def test_mlflow_store_turns_read_only_mid_sweep(tmp_path):
-    store, out, log = tmp_path / "store", tmp_path / "sweep", tmp_path / "first.log"
-    store.mkdir()
-    uri = [f"tracking.uri=sqlite:///{store / 'mlflow.db'}"]
-    proc = start(log, "--smoke-test", "--output", str(out), *ONE_AT_A_TIME, *uri)
-    wait_for(proc, log, lambda text: len(set(ids(text, "stage: fine-tuning"))) == 2)
-    with read_only(store):
-        took = _stopped(proc, log, time.monotonic(), "MLflow", out, seconds=60)
-    print(f"stopped {took:.0f} s after the MLflow store turned read-only")
-    second = sweep("--resume", "--output", str(out))
-    assert second.returncode == 0, second.stderr[-3000:]
-    check_exact(out, N)

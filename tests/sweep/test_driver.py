@@ -1,13 +1,9 @@
-"""Whole sweeps as the user runs them (``python sweeps/layerwise.py`` in a subprocess, each with its own
-local Ray): the MLflow tree, the Optuna study and the output folder agree; failures and resume."""
+"""A whole sweep as the user runs it (``python sweeps/layerwise.py`` in a subprocess, with its own local
+Ray): the MLflow tree, the Optuna study and the output folder agree. Failures, Ctrl-C and resume are
+in tests/faults."""
 
 import collections
-import json
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -25,12 +21,6 @@ SCRIPT = ROOT / "sweeps" / "layerwise.py"
 
 
 # --- whole sweeps (subprocesses) -----------------------------------------------------------------
-
-
-def _sweep(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
 
 
 def _runs(out: Path) -> dict[str, list]:
@@ -100,85 +90,3 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
     assert "stage: fine-tuning" in smoke_sweep.log  # progress names the stage
     assert re.search(r"\[sweep\] finished in \d+:\d\d", smoke_sweep.log)  # and the sweep's wall time
     assert (out / "report" / "report.html").is_file()  # the analysis report is written at the end
-
-
-@pytest.mark.slow
-def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
-    """lr=1e30 makes the loss non-finite: a deterministic failure, so it is not retried (max_failures=1
-    is for failures that may pass, such as a lost node); it ends FAILED in MLflow (with the message)
-    and FAIL in Optuna; the other trial completes, evaluating its subsets
-    as Ray tasks in its child bundle (2 CPUs per trial on this 2-CPU Ray: any task escaping the trial's
-    placement group would wait forever)."""
-    out = tmp_path / "fail"
-    proc = _sweep(
-        "--smoke-test",
-        "--output",
-        str(out),
-        "max_failures=1",
-        "trial.laplace.predictive=nn",
-        "resources.eval_tasks=1",
-        "search.space.train.lr={kind: choice, values: [0.002, 1.0e30]}",
-        "search.points_to_evaluate=[{train.lr: 1.0e30, train.prior_precision: 10.0, peft.rank: 2},"
-        " {train.lr: 0.002, train.prior_precision: 10.0, peft.rank: 2}]",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = _check_tree(out, n_trials=2, n_subsets=7)
-    assert list(summary.status) == ["failed", "ok"]
-    assert "non-finite training loss" in summary.error[0]
-    failed_id = summary.trial_id[0]
-    assert (proc.stdout + proc.stderr).count(f"[{failed_id}] stage: fine-tuning") == 1  # no retry
-    # the layer-wise engine's own line about Ray tasks
-    assert re.search(rf"\[{summary.trial_id[1]}\] .*as Ray tasks", proc.stdout + proc.stderr)
-    run = MlflowClient(load_sweep_config(out / "config.yaml").tracking.uri).get_run(summary.mlflow_run_id[0])
-    assert run.info.status == "FAILED" and "non-finite training loss" in run.data.tags["error"]
-    assert json.loads((out / "trials" / failed_id / "trial_result.json").read_text())["status"] == "failed"
-
-
-@pytest.mark.slow
-def test_interrupted_sweep_resumes_to_exactly_n_trials(tmp_path):
-    """Ctrl-C once a trial has finished and another is past its checkpoint; --resume keeps the finished
-    trial, restores the checkpointed one without retraining and ends with exactly 3 trials."""
-    out, log = tmp_path / "resume", tmp_path / "first.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "--smoke-test", "--output", str(out), "search.num_samples=3"],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        text = log.read_text()
-        finished = set(_ids(text, "completed after"))
-        checkpointed = set(_ids(text, "stage: Laplace fit")) - set(_ids(text, "stage: done")) - finished
-        if finished and checkpointed:
-            proc.send_signal(signal.SIGINT)
-            break
-        time.sleep(0.2)
-    assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
-    first_log = log.read_text()  # one resume hint, distlap's own (not Tune's Tuner.restore(...))
-    assert f"continue with: python sweeps/layerwise.py --resume --output {out}" in first_log
-    assert "Tuner.restore(" not in first_log, first_log[-3000:]
-    assert len(load_study(load_sweep_config(out / "config.yaml").search).trials) < 3 or "unfinished" in set(
-        pd.read_csv(out / "summary.csv").status
-    )
-
-    second = _sweep("--resume", "--output", str(out))
-    assert second.returncode == 0, second.stderr[-3000:]
-    summary = _check_tree(out, n_trials=3, n_subsets=7)
-    assert (summary.status == "ok").all()
-    resumed_log = second.stdout + second.stderr
-    for trial_id in finished:
-        assert f"[{trial_id}] stage" not in resumed_log  # finished trials are kept, not rerun
-    for trial_id in checkpointed:  # restored from its checkpoint, or (if it ended while the driver
-        # stopped, its result recorded but not yet reported) that result reported again: never retrained
-        restored = f"[{trial_id}] stage: restored the fine-tuned adapter" in resumed_log
-        assert restored or f"[{trial_id}] stage: done earlier" in resumed_log
-        assert f"[{trial_id}] stage: fine-tuning" not in resumed_log
-
-
-def _ids(text: str, marker: str) -> list[str]:
-    """Ray trial ids on lines with ``marker``: Tune's ``layerwise_trial_<id> completed after`` lines and
-    our ``[<id>] stage: ...`` lines."""
-    pattern = re.compile(rf"(?:layerwise_trial_(\w+)|\[(\w+)\]) {re.escape(marker)}")
-    return [a or b for a, b in pattern.findall(text)]

@@ -34,6 +34,7 @@ from distlap.names import KIND_TAG, ORDER_TAG
 from distlap.sweep.progress import runs_url
 from distlap.sweep.settings import load_sweep_config
 from distlap.sweep.tracking import SweepTracker, TrialRun, experiment_id, view_key
+from helpers import MLFLOW_SERVER_ENV
 
 CHROMIUM = os.environ.get("DISTLAP_CHROMIUM", "/usr/bin/chromium")
 FLAGS = [
@@ -116,8 +117,9 @@ def served(tmp_path_factory):
         "--port",
         str(port),
     ]
+    env = {**os.environ, **MLFLOW_SERVER_ENV}
     server = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
     )
     base = f"http://127.0.0.1:{port}"
     try:

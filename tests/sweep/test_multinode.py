@@ -245,6 +245,8 @@ def _trial_pids(out: Path) -> dict[str, set[int]]:
 
 @pytest.mark.slow
 def test_sweep_spreads_over_nodes_and_survives_losing_one(tmp_path):
+    from helpers import MLFLOW_SERVER_ENV  # not at the top: this file also runs as the scenario's script
+
     prefix = _namespace_prefix()
     if prefix is None:
         pytest.skip(
@@ -254,7 +256,7 @@ def test_sweep_spreads_over_nodes_and_survives_losing_one(tmp_path):
     # A short, private Ray temp dir: socket paths stay short, and no other Ray session sees this one.
     ray_tmp = Path(tempfile.mkdtemp(prefix="dl-ray-", dir="/tmp"))
     out = tmp_path / "multinode"
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""}
+    env = {**os.environ, **MLFLOW_SERVER_ENV, "RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""}
     start = time.monotonic()
     try:
         proc = subprocess.run(
