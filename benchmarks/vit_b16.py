@@ -56,6 +56,7 @@ class Scale:
     n_val: int = 1000
     n_test: int = 10000
     epochs: int = 2  # images/s from the last epoch (the first one warms up)
+    nn_samples: int = 30  # --nn: the nn predictive's samples per sample set (issue 17's 30)
     # On top of the config's trial; the Shapley bootstrap keeps laplace.shapley_bootstrap's default (200
     # replicates, batched: benchmarks/attribution.py times it at these shapes).
     overrides: dict = field(default_factory=dict)
@@ -74,6 +75,7 @@ SCALES = {
         n_val=32,
         n_test=64,
         epochs=1,
+        nn_samples=4,
         name="tiny ViT (12 blocks, width 16)",
         name_s="tiny ViT (12 blocks, width 16)",
         overrides={
@@ -173,9 +175,9 @@ def glm_runner(tasks: int, quiet):
     return ray_glm_runner(tasks, {"num_cpus": 1, "num_gpus": 1 / tasks if gpus else 0}, quiet)
 
 
-def run_b16(cfg: TrialConfig, with_nn: bool, glm_tasks: int, quiet) -> tuple[dict, dict]:
-    """ViT-B/16: fine-tune, fit, every subset (glm; and nn), the protocol and the robustness check:
-    (figures, the glm study's result)."""
+def run_b16(cfg: TrialConfig, nn_samples: int, glm_tasks: int, quiet) -> tuple[dict, dict]:
+    """ViT-B/16: fine-tune, fit, every subset (glm; and nn with ``nn_samples`` a set, unless 0), the
+    protocol and the robustness check: (figures, the glm study's result)."""
     peak, fig, state = Peak(), {"glm_tasks": glm_tasks}, {}
     ft = fine_tune(cfg, log=quiet)
     fig["finetune_images_per_s"], fig["finetune_peak_gib"] = images_per_s(ft), peak.read()
@@ -198,8 +200,8 @@ def run_b16(cfg: TrialConfig, with_nn: bool, glm_tasks: int, quiet) -> tuple[dic
     }
     fig["coalitions"] = len(study.get("attribution", {}).get("coalitions", []))
     fig["tuned_params"], fig["posterior_params"] = ft.tuned.trainable, study[names.N_PARAMS]
-    if with_nn:
-        la = cfg.laplace.model_copy(update={"predictive": "nn", "n_samples": 30})
+    if nn_samples:
+        la = cfg.laplace.model_copy(update={"predictive": "nn", "n_samples": nn_samples})
         ft.cfg = cfg.model_copy(update={"laplace": la})
         nn_study = layerwise(ft, fitted=state["fitted"], log=quiet).result
         fig["nn_eval_s"], fig["nn_eval_peak_gib"] = nn_study[names.EVAL_TIME], peak.read()
@@ -253,7 +255,7 @@ def report(fig: dict, labels: dict, goals: dict[str, str]) -> None:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=list(SCALES), default="full")
-    parser.add_argument("--nn", action="store_true", help="also the nn predictive (30 samples a set)")
+    parser.add_argument("--nn", action="store_true", help="also the nn predictive (Scale.nn_samples a set)")
     parser.add_argument("--tf32", action="store_true", help="fp32 matmuls and convolutions on TF32 cores")
     parser.add_argument(
         "--glm-tasks", type=int, default=2, help="Ray tasks over shards of each glm pass (0: in this process)"
@@ -285,7 +287,7 @@ def main(argv: list[str] | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         data = save_cifar100(scale, Path(tmp) / "cifar100")
         cfg = trial_config(scale, save_backbone(scale.vit, Path(tmp) / "vit_b16"), data)
-        fig, study = run_b16(cfg, args.nn, args.glm_tasks, quiet)
+        fig, study = run_b16(cfg, args.nn and scale.nn_samples, args.glm_tasks, quiet)
         cfg_s = trial_config(scale, save_backbone(scale.vit_s, Path(tmp) / "vit_s16"), data)
         fig |= run_vit_s(cfg_s, quiet)
     goals = verdicts(fig, args.scale)

@@ -87,7 +87,6 @@ def fine_tuned(fake_fmnist_dir, tiny_vit_dir, tmp_path_factory):
 SMOKE_SWEEP = [
     "search.num_samples=4",
     "search.seeds=[0, 1]",
-    "resources.cpus_per_trial=0.5",  # all four at once on 2 cores
     "search.points_to_evaluate=[{train.prior_precision: 10.0, peft.rank: 2}, "
     "{train.prior_precision: 100.0, peft.rank: 4}]",
 ]

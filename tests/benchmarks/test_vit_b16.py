@@ -46,7 +46,8 @@ def test_tiny_scale_runs_and_writes_its_figures_with_provenance(tmp_path):
     figures = record["figures"]
     assert set(figures) >= FIGURES, FIGURES - set(figures)
     assert figures["subsets"] == 16 and figures["coalitions"] == 2**12  # 12 blocks, 3 groups, all
-    assert figures["nn_samples"] == 30 * record["settings"]["config"]["laplace"]["n_sample_sets"]
+    laplace = record["settings"]["config"]["laplace"]
+    assert figures["nn_samples"] == record["settings"]["nn_samples"] * laplace["n_sample_sets"] == 4 * 3
     stages = ("finetune_images_per_s", "fit_s", "eval_s", "protocol_s", "robustness_s")
     assert all(figures[k] > 0 for k in (*stages, "lora_vit_s_images_per_s"))
     assert figures["glm_tasks"] == 2 and figures["refine_steps"] >= 1  # sharded glm, a real refinement
@@ -57,7 +58,6 @@ def test_tiny_scale_runs_and_writes_its_figures_with_provenance(tmp_path):
     assert refused.returncode == 2 and "--glm-tasks must be 0" in refused.stderr
     assert set(figures["verdicts"]) == set(figures["goals"]) == {"eval_s", "lora_vit_s_images_per_s"}
     assert record["settings"]["scale"] == "tiny" and record["settings"]["n_test"] == 64
-    laplace = record["settings"]["config"]["laplace"]
     assert laplace["estimator"] == "mc" and laplace["predictive"] == "glm"  # the config's estimator, glm
     prov = record["provenance"]
     assert len(prov["git_commit"]) == 40 and prov["packages"]["torch"] and prov["device"].startswith("cpu")

@@ -65,7 +65,7 @@ def _check_tree(out: Path, n_trials: int, n_subsets: int) -> pd.DataFrame:
 
 @pytest.mark.slow
 def test_smoke_sweep_end_to_end(smoke_sweep):
-    """The session's shared smoke sweep (tests/conftest.py: 2 configurations x 2 seeds, all at once)."""
+    """The session's shared smoke sweep (tests/conftest.py: 2 configurations x 2 seeds, two at a time)."""
     out = smoke_sweep.out
     summary = _check_tree(out, n_trials=4, n_subsets=7)  # vit-mini: 3 blocks + early/mid/late/all
     assert (summary.status == "ok").all()

@@ -98,6 +98,7 @@ def test_a_glm_trial_with_eval_tasks_runs_its_passes_in_its_child_bundle(
                 f"trial.backbone.name={tiny_vit_dir}",
                 "trial.data.classes=[5,6,7,8,9]",
                 "trial.train.epochs=1",
+                "trial.train.refine_steps=2",  # the robustness re-run is a glm study too, not timed here
                 "trial.laplace.fit_examples=32",
                 "trial.laplace.n_bootstrap=20",
                 "trial.laplace.shapley_bootstrap=0",
