@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         data = save_cifar100(scale, Path(tmp) / "cifar100")
         cfg = trial_config(scale, save_backbone(scale.vit, Path(tmp) / "vit_b16"), data)
-        fig, study = run_b16(cfg, args.nn and scale.nn_samples, args.glm_tasks, quiet)
+        fig, study = run_b16(cfg, scale.nn_samples if args.nn else 0, args.glm_tasks, quiet)
         cfg_s = trial_config(scale, save_backbone(scale.vit_s, Path(tmp) / "vit_s16"), data)
         fig |= run_vit_s(cfg_s, quiet)
     goals = verdicts(fig, args.scale)
